@@ -1,0 +1,3 @@
+"""lrc — post-training low-rank compression of LLMs."""
+
+__version__ = "0.1.0"

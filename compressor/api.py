@@ -1,0 +1,248 @@
+"""The public Python API. The CLI is a thin layer over these functions.
+
+    from compressor import load_model, compress, evaluate
+    loaded = load_model("Qwen/Qwen2.5-0.5B")                  # or a local directory
+    result = compress(loaded.model, "svd-llm-20", tokenizer=loaded.tokenizer)
+    result.save("out/", tokenizer=loaded.tokenizer)
+    evaluate(result.model, loaded.tokenizer).ppl
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import registry
+from compressor.apply import ModuleReport, compress_layer
+from compressor.data import calibration_batch, eval_windows, load_texts
+from compressor.errors import UserError
+from compressor.evaluate import PerplexityResult, perplexity
+from compressor.recipe import Recipe, load_recipe
+from compressor.sequential import run_sequential
+from compressor.stats import Stats
+from compressor.targets import select_targets
+
+REPORT_STATS = frozenset({"gram"})  # the report's output error needs the Gram of every target
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    storage_dtype: torch.dtype  # the checkpoint's dtype: outputs are saved in it
+
+
+def _resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    if name == "auto":
+        # Half precision on CPU is slow and lossy for the fp64 maths around it: compute in fp32 there.
+        return torch.float32 if str(device).startswith("cpu") else checkpoint_dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise UserError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16") from None
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_model(
+    name_or_path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
+    """A causal LM and its tokenizer from a local directory or a hub id (lrc checkpoints included)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise UserError(f"model path not found or not a directory: {name_or_path}")
+    if looks_local and not (path / "config.json").is_file():
+        raise UserError(f"not a model directory (no config.json): {name_or_path}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        storage = _checkpoint_dtype(config)
+        compute = _resolve_dtype(dtype, device, storage)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=compute, trust_remote_code=trust_remote_code
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model '{name_or_path}': {reason}") from None
+    model.eval()
+    return LoadedModel(model, tokenizer, name_or_path, storage)
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    recipe: Recipe
+    modules: list[ModuleReport]
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+    def specs(self) -> dict[str, dict]:
+        return {m.name: m.spec for m in self.modules if m.compressed}
+
+    def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md: str = "", overwrite=False):
+        from compressor.io import save_compressed
+
+        extra = {"recipe.yaml": self.recipe.to_yaml()}
+        if report is not None:
+            extra["report.json"] = json.dumps(report, indent=2)
+            extra["report.md"] = report_md
+        return save_compressed(
+            self.model,
+            out_dir,
+            tokenizer=tokenizer,
+            modules=self.specs(),
+            method=self.recipe.method,
+            recipe_name=self.recipe.name,
+            extra_files=extra,
+            overwrite=overwrite,
+        )
+
+
+@dataclass
+class CalibrationStatistics:
+    """Statistics of every target of the *dense* model, layer by layer: reusable by every recipe whose
+    `sequential.inputs` is "dense" (the inputs then do not depend on the recipe)."""
+
+    needs: frozenset
+    layers: list[tuple[dict[str, list[str]], dict[str, Stats]]]  # per layer: (groups, stats by owner)
+    targets: tuple[tuple[str, ...], ...]
+
+
+def calibration_data(tokenizer, recipe: Recipe, calib: str | None = None) -> tuple[torch.Tensor, dict]:
+    texts, description = load_texts(calib, split_default="train")
+    c = recipe.calibration
+    batches = calibration_batch(tokenizer, texts, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed)
+    return batches, {"source": description, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
+
+
+def _as_recipe(recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", batch_size=8, progress=None):
+    """One dense calibration pass gathering what all `recipes` need (they must agree on targets)."""
+    recipes = [_as_recipe(r) for r in recipes]
+    needs = REPORT_STATS.union(*(registry.get(r.method).needs for r in recipes))
+    layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
+    layers = []
+
+    def keep(index, collector):
+        layers.append((collector.groups(), {k: _to_cpu(v) for k, v in collector.stats.items()}))
+
+    run_sequential(model, batches, layer_targets, needs, keep, device=device, batch_size=batch_size,
+                   propagate="dense", progress=progress)
+    names = tuple(tuple(t) for t in layer_targets)
+    return CalibrationStatistics(needs, layers, names)
+
+
+def _to_cpu(s: Stats) -> Stats:
+    move = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return Stats(count=s.count, gram=move(s.gram), abs_sum=move(s.abs_sum))
+
+
+def compress(
+    model: nn.Module,
+    recipe,
+    *,
+    tokenizer=None,
+    calib: str | None = None,
+    batches: torch.Tensor | None = None,
+    statistics: CalibrationStatistics | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    storage_dtype: torch.dtype | None = None,
+    progress=None,
+) -> CompressionResult:
+    """Compress `model` in place with `recipe` (a Recipe, a built-in name or a YAML path).
+
+    Calibration comes from `batches` (token ids, nsamples x seqlen), else from `calib` / the bundled text via
+    `tokenizer`. With `statistics` from `collect_statistics` and a recipe whose inputs are "dense", no
+    calibration forward pass runs at all. `storage_dtype`: the dtype the checkpoint will be saved in; the
+    compressed weights are rounded through it so that the in-memory model equals what gets saved.
+    """
+    recipe = _as_recipe(recipe)
+    method = registry.get(recipe.method)
+    options = recipe.method_options()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    layer_targets = select_targets(model, recipe.targets, recipe.ignore)
+    expected = sum(len(t) for t in layer_targets)
+    reports: list[ModuleReport] = []
+    calibration: dict = {}
+
+    def on_layer(index, collector):
+        t0 = time.perf_counter()
+        missing = [n for n in layer_targets[index] if n not in collector.owner]
+        if missing:
+            raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
+        reports.extend(compress_layer(model, layer_targets[index], collector.groups(), collector.stats, method, options))
+        timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
+
+    reusable = statistics is not None and recipe.sequential.inputs == "dense"
+    if reusable:
+        if not (method.needs | REPORT_STATS) <= statistics.needs:
+            raise ValueError(f"statistics lack {sorted(method.needs - statistics.needs)} needed by {method.name}")
+        if tuple(tuple(t) for t in layer_targets) != statistics.targets:
+            raise ValueError("statistics were collected for other targets than this recipe's")
+        for index, (groups, stats) in enumerate(statistics.layers):
+            t0 = time.perf_counter()
+            if layer_targets[index]:
+                reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options))
+            timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
+            if progress is not None:
+                progress(index)
+    else:
+        if batches is None:
+            if tokenizer is None:
+                raise ValueError("compress() needs `batches` or a `tokenizer` to build calibration data")
+            t0 = time.perf_counter()
+            batches, calibration = calibration_data(tokenizer, recipe, calib)
+            timings["calibration_data"] = time.perf_counter() - t0
+        run_sequential(model, batches, layer_targets, method.needs | REPORT_STATS, on_layer, device=device,
+                       batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress)
+        timings["statistics"] = time.perf_counter() - start - sum(timings.values())
+    if len(reports) != expected:
+        raise RuntimeError(f"failed to compress {expected - len(reports)} of {expected} target modules")
+    if storage_dtype is not None:
+        _round_through(model, storage_dtype)
+    timings["compress_total"] = time.perf_counter() - start
+    return CompressionResult(model, recipe, reports, timings, calibration)
+
+
+@torch.no_grad()
+def _round_through(model: nn.Module, dtype: torch.dtype) -> None:
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.copy_(p.to(dtype))
+
+
+def evaluate(model, tokenizer, data: str | None = None, *, seqlen: int = 2048, batch_size: int = 4,
+             device=None, max_windows: int | None = None, progress=None) -> PerplexityResult:
+    """Perplexity on `data` (file/folder/hub dataset; default the bundled test split), papers' protocol."""
+    texts, description = load_texts(data, split_default="test")
+    windows = eval_windows(tokenizer, texts, seqlen)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    result = perplexity(model, windows, batch_size=batch_size, device=device, progress=progress)
+    result.data = description
+    return result
+
+
+def load_compressed(path, *, dtype=None, device=None):
+    from compressor.io import load_compressed as _load
+
+    return _load(path, dtype=dtype, device=device)

@@ -1,0 +1,95 @@
+"""Compress the targets of one decoder layer with one method, swap the modules, and measure what changed.
+
+Targets that share an input (and so a Stats object) and a shape are decomposed in one batched call. The rank
+comes from rank.py for factorising methods; a target where factoring would not save parameters stays dense
+and gets a report line saying so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from compressor.modules import module_from_factors
+from compressor.rank import resolve_rank
+from compressor.registry import Method
+from compressor.stats import Stats
+from compressor.targets import set_submodule
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    compressed: bool
+    spec: dict | None
+    params_before: int
+    params_after: int
+    rel_weight_error: float
+    rel_output_error: float | None  # ‖(W − Ŵ)X‖_F / ‖W X‖_F on the calibration inputs
+    clamped_eigenvalues: int
+    seconds: float
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _errors(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tensor | None) -> tuple[float, float | None]:
+    W = W.to(torch.float64)
+    delta = W - W_hat.to(W.device, torch.float64)
+    rel_w = (delta.norm() / W.norm().clamp(min=1e-300)).item()
+    if gram is None:
+        return rel_w, None
+    g = gram.to(W.device, torch.float64)
+    num = ((delta @ g) * delta).sum().clamp(min=0)
+    den = ((W @ g) * W).sum().clamp(min=1e-300)
+    return rel_w, math.sqrt((num / den).item())
+
+
+@torch.no_grad()
+def compress_layer(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    groups: dict[str, list[str]],
+    stats: dict[str, Stats],
+    method: Method,
+    options,
+) -> list[ModuleReport]:
+    """`groups`: owner -> names sharing its input; `stats`: owner -> Stats. Swaps modules in `model`."""
+    reports: list[ModuleReport] = []
+    for owner, names in groups.items():
+        buckets: dict[tuple, list[str]] = {}
+        for name in names:
+            m, n = targets[name].weight.shape
+            rank = None
+            if method.factorizes:
+                rank, reason = resolve_rank(m, n, options)
+                if rank is None:
+                    reports.append(ModuleReport(name, (m, n), False, None, m * n, m * n, 0.0, 0.0, 0, 0.0, reason))
+                    continue
+            buckets.setdefault((m, n, rank), []).append(name)
+        for (m, n, rank), members in buckets.items():
+            originals = [targets[name] for name in members]
+            W = torch.stack([lin.weight.detach() for lin in originals]).to(torch.float32)
+            start = time.perf_counter()
+            result = method.decompose(W, stats[owner], options, rank)
+            seconds = (time.perf_counter() - start) / len(members)
+            clamps = result.clamped_eigenvalues // len(members)
+            for name, lin, factors in zip(members, originals, result.factors):
+                bias = lin.bias.detach() if lin.bias is not None else None
+                module = module_from_factors(factors, bias, lin.weight.dtype).to(lin.weight.device)
+                rel_w, rel_out = _errors(lin.weight.detach(), module.dense_weight(), stats[owner].gram)
+                if not (math.isfinite(rel_w) and (rel_out is None or math.isfinite(rel_out))):
+                    raise FloatingPointError(f"{method.name} produced non-finite weights for {name}")
+                after = factors.num_params() + (0 if bias is None else bias.numel())
+                before = m * n + (0 if bias is None else bias.numel())
+                reports.append(
+                    ModuleReport(name, (m, n), True, factors.spec(), before, after, rel_w, rel_out, clamps, seconds)
+                )
+                set_submodule(model, name, module)
+    return reports

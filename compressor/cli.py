@@ -1,0 +1,168 @@
+"""`lrc` command line: a thin click layer over compressor.api / compressor.workflow.
+
+User errors print one line (`error: ...`) on stderr and exit with code 2; nothing half-written stays on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from compressor.errors import UserError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _App(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lrc")
+def app():
+    """lrc: compress LLMs after training with low-rank decompositions, and report honestly what it cost."""
+
+
+def _device_options(f):
+    f = click.option("--device", default="cpu", show_default=True, help="compute device (cpu, cuda, cuda:1)")(f)
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU")(f)
+    f = click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")(f)
+    return f
+
+
+@app.command()
+@click.argument("model")
+@click.option("--recipe", "-r", required=True, help="built-in recipe name (lrc recipes list) or a YAML path")
+@click.option("--output", "-o", required=True, type=click.Path(), help="output directory (must not exist)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a recipe field: bare method option (param_ratio=0.7) or dotted path")
+@click.option("--calib", default=None, help="calibration text: .txt/.jsonl/.parquet file or folder, or hub dataset")
+@click.option("--nsamples", type=int, default=None, help="calibration windows (recipe default otherwise)")
+@click.option("--seqlen", type=int, default=None, help="calibration window length in tokens")
+@click.option("--seed", type=int, default=None, help="calibration sampling seed")
+@click.option("--dense-inputs", is_flag=True,
+              help="calibrate each layer on the uncompressed model's activations instead of the compressed ones")
+@click.option("--eval", "evaluate_ppl", is_flag=True, help="measure perplexity before and after")
+@click.option("--eval-data", default=None, help="evaluation text (default: the bundled test split)")
+@click.option("--eval-seqlen", type=int, default=None, help="evaluation window (default 2048, capped at the model's context)")
+@click.option("--eval-max-windows", type=int, default=None, help="evaluate on the first N windows only")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@_device_options
+def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl, eval_data,
+             eval_seqlen, eval_max_windows, overwrite, device, dtype, trust_remote_code):
+    """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
+    from compressor.workflow import compress_checkpoint
+
+    extra = [f"calibration.{k}={v}" for k, v in (("nsamples", nsamples), ("seqlen", seqlen), ("seed", seed))
+             if v is not None]
+    if dense_inputs:
+        extra.append("sequential.inputs=dense")
+    report = compress_checkpoint(
+        model, recipe, output, overrides=tuple(overrides) + tuple(extra), calib=calib, evaluate_ppl=evaluate_ppl,
+        eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, device=device, dtype=dtype,
+        overwrite=overwrite, trust_remote_code=trust_remote_code,
+    )
+    out.print(_summary_table(report))
+    out.print(f"wrote {output}/ (report.md, report.json, recipe.yaml, weights)")
+
+
+def _summary_table(report: dict) -> Table:
+    t = report["totals"]
+    table = Table(title=f"{report['model']} · {report['recipe']}")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("parameters", f"{t['model_params_before']:,}", f"{t['model_params_after']:,}",
+                  f"{t['model_params_after'] / t['model_params_before']:.3f}")
+    table.add_row("weight bytes", f"{t['weight_bytes_before']:,}", f"{t['weight_bytes_after']:,}",
+                  f"{t['weight_bytes_after'] / t['weight_bytes_before']:.3f}")
+    ppl = report.get("perplexity")
+    if ppl and ppl["before"] and ppl["after"]:
+        table.add_row("perplexity", f"{ppl['before']:.3f}", f"{ppl['after']:.3f}", f"{ppl['after'] / ppl['before']:.3f}")
+    table.caption = (f"{t['compressed']} of {t['targets']} targets compressed, {t['skipped']} kept dense; "
+                     f"{t['clamped_eigenvalues']} clamped eigenvalues; "
+                     f"{report['timings_seconds'].get('compress_total', 0):.1f}s compressing")
+    return table
+
+
+@app.command("eval")
+@click.argument("model")
+@click.option("--data", default=None, help="text: file/folder or hub dataset (wikitext2, c4); default bundled test split")
+@click.option("--seqlen", type=int, default=None, help="window length (default 2048, capped at the model's context)")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="score only the first N windows")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@_device_options
+def eval_(model, data, seqlen, batch_size, max_windows, as_json, device, dtype, trust_remote_code):
+    """Perplexity of MODEL (a checkpoint, an lrc output directory or a hub id), papers' protocol."""
+    from compressor.workflow import evaluate_checkpoint
+
+    result = evaluate_checkpoint(model, data=data, seqlen=seqlen, device=device, dtype=dtype, batch_size=batch_size,
+                                 max_windows=max_windows, trust_remote_code=trust_remote_code)
+    payload = {"model": model, "ppl": result.ppl, "nll": result.nll, "seqlen": result.seqlen,
+               "windows": result.windows, "tokens_scored": result.tokens, "data": getattr(result, "data", None)}
+    if as_json:
+        click.echo(json.dumps(payload))
+    else:
+        out.print(f"perplexity {result.ppl:.4f}  ({payload['data']}; seqlen {result.seqlen}, "
+                  f"{result.windows} windows, {result.tokens:,} scored tokens)")
+
+
+@app.group()
+def recipes():
+    """Built-in recipes."""
+
+
+@recipes.command("list")
+def recipes_list():
+    """List the built-in recipes."""
+    from compressor.recipe import builtin_names, load_recipe
+
+    table = Table()
+    for col in ("name", "method", "options", "description"):
+        table.add_column(col)
+    for name in builtin_names():
+        r = load_recipe(name)
+        table.add_row(name, r.method, ", ".join(f"{k}={v}" for k, v in r.options.items()), r.description)
+    out.print(table)
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe (built-in name or path) as YAML, with defaults filled in."""
+    from compressor.recipe import load_recipe
+
+    click.echo(load_recipe(name).to_yaml(), nl=False)
+
+
+@app.command()
+@click.option("--output", "-o", default=None, type=click.Path(), help="keep the compressed models here")
+@click.option("--device", default="cpu", show_default=True)
+def demo(output, device):
+    """Compress the shipped demo model with svd-20, svd-llm-20, rtn-4bit and eora-4bit; print a table."""
+    from compressor.demo import run_demo
+
+    run_demo(output=output, device=device, console=out)
+
+
+def main():
+    app(prog_name="lrc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Teach plain transformers to load lrc checkpoints: `import compressor`, then
+`AutoModelForCausalLM.from_pretrained(out_dir)` — no `trust_remote_code`.
+
+config.json carries a `quantization_config` section with `quant_method: "lrc"` and a `modules` table
+{module name: spec}. transformers looks the method up in its quantizer registry, where this module puts:
+- `LrcConfig` (a `QuantizationConfigMixin`): parses and re-serialises the section losslessly (strict keys);
+- `LrcHfQuantizer` (an `HfQuantizer`): after the model skeleton is built on the meta device and before any
+  weight is read, swaps every listed `nn.Linear` for `modules.empty_module(spec, ...)`, so the checkpoint's
+  `A.weight` / `qweight` / `scales` / ... keys find exactly matching parameters and buffers.
+
+Lifecycle inside `from_pretrained` (transformers 5.x):
+  get_hf_quantizer → LrcConfig.from_dict(config["quantization_config"]) → LrcHfQuantizer(config, pre_quantized=True)
+  → model built on meta → preprocess_model → `_process_model_before_weight_loading` (module swap here)
+  → weights loaded by name: floating tensors take the dtype of the empty param they fill (so fp16 `scales` stay
+  fp16 in a bf16/fp32 model), integer tensors are never cast (int32 `qweight`/`qzeros` stay int32)
+  → postprocess_model sets `model.config.quantization_config = LrcConfig`, so `model.save_pretrained` writes the
+  section back and the saved directory loads again.
+
+Registration runs on import and is idempotent (a second import or a reload of this module is a no-op).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers import auto as _auto
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from compressor.modules import empty_module
+
+QUANT_METHOD = "lrc"
+_DEFAULT_VERSION = "0.1.0"
+_KINDS = ("lowrank", "quant")
+
+
+def _version() -> str:
+    import compressor
+
+    return getattr(compressor, "__version__", _DEFAULT_VERSION)
+
+
+class LrcConfig(QuantizationConfigMixin):
+    """The `quantization_config` section of an lrc checkpoint's config.json.
+
+    {"quant_method": "lrc", "lrc_version": "0.1.0", "method": "svd_llm", "recipe": "svd-llm-20",
+     "modules": {"model.layers.0.self_attn.q_proj": {"kind": "lowrank", "rank": 12}, ...}}
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, dict] | None = None,
+        method: str | None = None,
+        recipe: str | None = None,
+        lrc_version: str | None = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown,
+    ):
+        if unknown:
+            raise ValueError(
+                f"lrc quantization_config has unknown keys {sorted(unknown)} "
+                f"(written by a newer lrc? this is lrc {_version()})"
+            )
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"LrcConfig got quant_method={quant_method!r}, expected {QUANT_METHOD!r}")
+        self.quant_method = QUANT_METHOD
+        self.lrc_version = lrc_version or _version()
+        self.method = method
+        self.recipe = recipe
+        self.modules = {str(name): dict(spec) for name, spec in (modules or {}).items()}
+        for name, spec in self.modules.items():
+            if spec.get("kind") not in _KINDS:
+                raise ValueError(f"lrc quantization_config: module {name!r} has unknown kind {spec.get('kind')!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "quant_method": self.quant_method,
+            "lrc_version": self.lrc_version,
+            "method": self.method,
+            "recipe": self.recipe,
+            "modules": {name: dict(spec) for name, spec in self.modules.items()},
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+
+def _resolve_names(model: nn.Module, names) -> dict[str, str]:
+    """Checkpoint module name -> name in `model`. Names are recorded on the full (e.g. *ForCausalLM) model; a
+    bare base model (AutoModel) lacks the `base_model_prefix.` part and has no head, whose entries are skipped."""
+    present = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    loading_base_model = bool(prefix) and not hasattr(model, prefix)
+    resolved = {}
+    for name in names:
+        if name in present:
+            resolved[name] = name
+        elif loading_base_model and name.startswith(prefix + "."):
+            resolved[name] = name[len(prefix) + 1 :]
+        elif loading_base_model:
+            continue  # a head module (lm_head) that this base model does not have
+        else:
+            raise ValueError(f"lrc checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+    return resolved
+
+
+def replace_linears(model: nn.Module, modules: dict[str, dict]) -> None:
+    """Swap each listed nn.Linear of `model` for an empty compressed module of the same shape, bias, dtype and
+    device (on the meta device during `from_pretrained`)."""
+    for name, target in _resolve_names(model, modules).items():
+        old = model.get_submodule(target)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"lrc checkpoint lists {name!r} as compressed, but it is a {type(old).__name__}, not a Linear")
+        new = empty_module(
+            modules[name],
+            old.in_features,
+            old.out_features,
+            old.bias is not None,
+            dtype=old.weight.dtype,
+            device=old.weight.device,
+        )
+        parent_name, _, child = target.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+
+
+class LrcHfQuantizer(HfQuantizer):
+    """Loads pre-compressed lrc checkpoints; never compresses on the fly (that needs calibration: `lrc compress`)."""
+
+    requires_calibration = True  # from_pretrained(dense_model, quantization_config=LrcConfig()) is refused
+    quantization_config: LrcConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_linears(model, self.quantization_config.modules)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Put LrcConfig / LrcHfQuantizer into transformers' registries. Idempotent; refuses to displace a different
+    library's "lrc" registration."""
+    for mapping, cls, decorator in (
+        (_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, LrcConfig, _auto.register_quantization_config),
+        (_auto.AUTO_QUANTIZER_MAPPING, LrcHfQuantizer, _auto.register_quantizer),
+    ):
+        current = mapping.get(QUANT_METHOD)
+        if current is cls:
+            continue
+        if current is not None and current.__module__ != cls.__module__:
+            raise RuntimeError(
+                f"transformers already has quant_method {QUANT_METHOD!r} registered by "
+                f"{current.__module__}.{current.__qualname__}"
+            )
+        mapping.pop(QUANT_METHOD, None)  # our own class from an earlier import of this module (reload)
+        decorator(QUANT_METHOD)(cls)
+
+
+register()

@@ -1,0 +1,3 @@
+"""Built-in methods. Importing this package registers them; each file is one pure method."""
+
+from compressor.methods import eora, rtn, svd, svd_llm  # noqa: F401

@@ -1,0 +1,39 @@
+"""EoRA: a low-rank residual path that repairs a quantized base, fitted in the activation eigenspace.
+
+Base Q = quant(W); residual ΔW = W − Q. With G = X Xᵀ = S Sᵀ (S = V Λ^{1/2}, clamped), the rank-r truncated
+SVD of ΔW S gives B A' and A = A' S⁻¹: the whitened truncation of ΔW, minimising ‖(ΔW − BA)X‖_F. The layer
+computes Q x + B (A x); the r(m + n) residual parameters are full precision and counted in the report.
+
+Recipe `eora-4bit` uses rank 64 (the EoRA paper's and GPTQModel's usual setting for 7B-class models).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from compressor.factors import Decomposition, LowRank
+from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd, whitening
+from compressor.methods.rtn import BASES, BaseName, RTNOptions
+from compressor.registry import register
+
+
+class EoRAOptions(RTNOptions):
+    base: BaseName = "rtn"
+    rank: int = Field(64, gt=0, description="rank of the residual path (capped at min(m, n))")
+    eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
+
+
+@register("eora", needs=("gram",), options=EoRAOptions, factorizes=False, summary="quantized base + whitened low-rank residual")
+def decompose(W: torch.Tensor, stats, options: EoRAOptions, rank=None) -> Decomposition:
+    white = whitening(stats.gram, options.eig_floor)
+    rank = min(options.rank, W.shape[-2], W.shape[-1])
+    out = []
+    for w in W:
+        base = BASES[options.base](w, options)
+        delta = w.to(torch.float64) - base.dequantized().to(torch.float64)
+        U, s, Vh, _ = truncated_svd(delta @ white.S, rank)
+        B, A = split_factors(U, s, Vh)
+        base.residual = LowRank(A=(A @ white.inverse).float(), B=B.float())
+        out.append(base)
+    return Decomposition(out, clamped_eigenvalues=white.clamped * W.shape[0])

@@ -1,0 +1,35 @@
+"""Round-to-nearest weight quantization (per group of input columns, asymmetric by default), really packed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compressor import quant
+from compressor.factors import Decomposition, Quantized
+from compressor.registry import register
+
+
+class RTNOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(128, gt=0, description="input columns per scale/zero")
+    symmetric: bool = False
+
+
+def rtn_quantize(W: torch.Tensor, options) -> Quantized:
+    scale, zero = quant.rtn_params(W, options.bits, options.group_size, options.symmetric)
+    q = quant.quantize(W, scale, zero, options.bits, options.group_size)
+    return Quantized.from_codes(q, scale, zero, options.bits, options.group_size)
+
+
+@register("rtn", needs=(), options=RTNOptions, factorizes=False, summary="round-to-nearest b-bit quantization")
+def decompose(W: torch.Tensor, stats, options: RTNOptions, rank=None) -> Decomposition:
+    return Decomposition([rtn_quantize(w, options) for w in W])
+
+
+BASES = {"rtn": rtn_quantize}
+BaseName = Literal["rtn"]

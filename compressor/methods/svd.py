@@ -1,0 +1,22 @@
+"""Truncated SVD: W ≈ U_r Σ_r V_rᵀ, the Frobenius-optimal rank-r approximation (Eckart–Young)."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.factors import Decomposition, LowRank
+from compressor.linalg import split_factors, truncated_svd
+from compressor.rank import RankOptions
+from compressor.registry import register
+
+
+class SVDOptions(RankOptions):
+    pass
+
+
+@register("svd", needs=(), options=SVDOptions, factorizes=True, summary="truncated SVD of the weight")
+def decompose(W: torch.Tensor, stats, options: SVDOptions, rank: int) -> Decomposition:
+    """W: (b, m, n) same-shape weights. Error ‖W − BA‖_F = √(Σ_{i>r} σᵢ²)."""
+    U, s, Vh, _ = truncated_svd(W.to(torch.float32), rank)
+    B, A = split_factors(U, s, Vh)
+    return Decomposition([LowRank(A=a, B=b) for a, b in zip(A, B)])

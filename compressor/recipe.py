@@ -1,0 +1,155 @@
+"""Recipes: a strict, versioned YAML schema, loaded by built-in name or path, with `--set key=value` overrides.
+
+    version: 1
+    name: svd-llm-20
+    description: SVD-LLM whitened truncation, 20% of every decoder linear's parameters removed
+    method: svd-llm
+    options: {param_ratio: 0.8}          # validated by the method's own Options model
+    targets: ["*"]                       # globs or "re:<regex>" over module names, inside decoder layers only
+    ignore: []
+    calibration: {nsamples: 64, seqlen: 256, seed: 0}
+    sequential: {inputs: compressed}     # or "dense": feed each layer the uncompressed layer's outputs
+
+Unknown keys anywhere are errors that name the key. `--set param_ratio=0.7` finds a bare option name in the
+method's options; dotted keys (`calibration.nsamples=32`) address any field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compressor import registry
+from compressor.errors import UserError
+from compressor.resources import recipes_dir
+
+SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Calibration(Strict):
+    nsamples: int = Field(64, gt=0)
+    seqlen: int = Field(256, gt=1)
+    seed: int = 0
+
+
+class Sequential(Strict):
+    inputs: Literal["compressed", "dense"] = "compressed"
+
+
+class Recipe(Strict):
+    version: Literal[1]
+    name: str
+    description: str = ""
+    method: str
+    options: dict[str, Any] = {}
+    targets: list[str] = ["*"]
+    ignore: list[str] = []
+    calibration: Calibration = Calibration()
+    sequential: Sequential = Sequential()
+
+    def method_options(self) -> BaseModel:
+        """The method's validated options (a frozen pydantic model)."""
+        return registry.get(self.method).Options(**self.options)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{loc}'"
+    return f"{where}: invalid value for '{loc}': {first['msg']}"
+
+
+def _read(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        source = str(path)
+    else:
+        path = recipes_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown recipe '{name_or_path}'; built-in recipes: {', '.join(builtin_names())}")
+        source = f"recipe '{name_or_path}'"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read {source}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe must be a YAML mapping")
+    return data, source
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `key=value` to raw recipe data (before validation, so the schema judges the result)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set expects key=value, got '{assignment}'")
+    value = _parse_value(raw)
+    parts = key.split(".")
+    if len(parts) == 1 and key not in Recipe.model_fields:
+        # A bare name is one of the method's own options (rank, param_ratio, bits, group_size, ...).
+        method = data.get("method")
+        try:
+            fields = registry.get(method).Options.model_fields if isinstance(method, str) else {}
+        except KeyError:
+            fields = {}
+        if key not in fields:
+            known = sorted(set(Recipe.model_fields) | set(fields))
+            raise UserError(f"--set {key}: unknown key; use one of {', '.join(known)} or a dotted path")
+        parts = ["options", key]
+        # Setting one of mutually exclusive options (rank vs param_ratio) replaces the recipe's other one.
+        options_cls = registry.get(method).Options
+        for group in getattr(options_cls, "exclusive_options", ()):
+            if key in group and isinstance(data.get("options"), dict):
+                for other in group:
+                    if other != key:
+                        data["options"].pop(other, None)
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    data, source = _read(name_or_path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None
+    except TypeError as err:
+        raise UserError(f"{source}: {err}") from None
+    try:
+        recipe.method_options()
+    except KeyError as err:
+        raise UserError(f"{source}: {err.args[0]}") from None
+    except ValidationError as err:
+        msg = _format_validation_error(err, source).replace("key '", "key 'options.").replace("for '", "for 'options.")
+        raise UserError(msg) from None
+    return recipe

@@ -1,0 +1,60 @@
+"""Method registry: name -> Method. The pipeline asks a method what it needs; it never branches on names.
+
+A method is a pure function on tensors (see `compressor/methods/`). It declares
+- `needs`: which calibration statistics the pipeline must collect for its targets ("gram", "abs_mean"),
+- `Options`: a strict pydantic model of its recipe options (unknown key -> error),
+- `factorizes`: True when the method *replaces* W by rank-r factors, so the pipeline resolves the rank from
+  `rank`/`param_ratio` with rank.py and skips targets where factoring would grow the layer. Methods whose rank
+  is an addition (EoRA's residual) or that have no rank (RTN) set it False and read their options directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel
+
+KNOWN_STATS = frozenset({"gram", "abs_mean"})
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    decompose: Callable  # (W[b,m,n], stats: Stats, options, rank: int | None) -> list[Factors]
+    needs: frozenset
+    Options: type[BaseModel]
+    factorizes: bool
+    summary: str
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str):
+    unknown = set(needs) - KNOWN_STATS
+    if unknown:
+        raise ValueError(f"method {name!r} needs unknown statistics {sorted(unknown)}")
+
+    def wrap(fn):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary)
+        return fn
+
+    return wrap
+
+
+def get(name: str) -> Method:
+    import compressor.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(_METHODS))}") from None
+
+
+def names() -> list[str]:
+    import compressor.methods  # noqa: F401
+
+    return sorted(_METHODS)

@@ -1,0 +1,134 @@
+"""report.json / report.md: what was done to every target, what it cost, and what it changed. Honest numbers:
+parameters actually kept, bytes of the weights, clamps, skipped targets with the reason."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+
+import torch
+
+import compressor
+
+
+def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the persistent weights as they are (or would be) saved; floating tensors counted in
+    `float_dtype` when given (the checkpoint dtype), except fp16 quantization scales which stay fp16."""
+    total = 0
+    for name, t in model.state_dict().items():
+        size = t.element_size()
+        if float_dtype is not None and t.is_floating_point() and not name.endswith("scales"):
+            size = torch.empty((), dtype=float_dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+def peak_memory() -> dict:
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_peak_rss_bytes": rss_kib * (1 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available():
+        out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def build_report(result, *, model_source: str, params_before: int, params_after: int, bytes_before: int,
+                 bytes_after: int, ppl_before=None, ppl_after=None, timings=None, device="cpu") -> dict:
+    modules = [m.to_dict() for m in result.modules]
+    done = [m for m in result.modules if m.compressed]
+    totals = {
+        "targets": len(result.modules),
+        "compressed": len(done),
+        "skipped": len(result.modules) - len(done),
+        "target_params_before": sum(m.params_before for m in result.modules),
+        "target_params_after": sum(m.params_after for m in result.modules),
+        "model_params_before": params_before,
+        "model_params_after": params_after,
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": bytes_after,
+        "clamped_eigenvalues": sum(m.clamped_eigenvalues for m in done),
+    }
+    ppl = None
+    if ppl_before is not None or ppl_after is not None:
+        ref = ppl_after or ppl_before
+        ppl = {
+            "before": None if ppl_before is None else ppl_before.ppl,
+            "after": None if ppl_after is None else ppl_after.ppl,
+            "data": getattr(ref, "data", None),
+            "seqlen": ref.seqlen,
+            "windows": ref.windows,
+            "tokens_scored": ref.tokens,
+        }
+    return {
+        "lrc_version": compressor.__version__,
+        "model": model_source,
+        "recipe": result.recipe.name,
+        "method": result.recipe.method,
+        "options": result.recipe.method_options().model_dump(),
+        "sequential_inputs": result.recipe.sequential.inputs,
+        "calibration": result.calibration,
+        "device": str(device),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__},
+        "totals": totals,
+        "perplexity": ppl,
+        "timings_seconds": {k: round(v, 3) for k, v in (timings or result.timings).items()},
+        "peak_memory": peak_memory(),
+        "modules": modules,
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)
+
+
+def render_markdown(report: dict) -> str:
+    t = report["totals"]
+    lines = [
+        f"# lrc report — {report['model']} with `{report['recipe']}`",
+        "",
+        f"Method `{report['method']}`, options `{report['options']}`, layer inputs: {report['sequential_inputs']}.",
+        "",
+        "| | before | after | ratio |",
+        "|---|---:|---:|---:|",
+        f"| parameters (whole model) | {t['model_params_before']:,} | {t['model_params_after']:,} | "
+        f"{t['model_params_after'] / max(t['model_params_before'], 1):.3f} |",
+        f"| parameters (targets) | {t['target_params_before']:,} | {t['target_params_after']:,} | "
+        f"{t['target_params_after'] / max(t['target_params_before'], 1):.3f} |",
+        f"| weight bytes | {_fmt_bytes(t['weight_bytes_before'])} | {_fmt_bytes(t['weight_bytes_after'])} | "
+        f"{t['weight_bytes_after'] / max(t['weight_bytes_before'], 1):.3f} |",
+    ]
+    ppl = report.get("perplexity")
+    if ppl:
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| perplexity | {fmt(ppl['before'])} | {fmt(ppl['after'])} | "
+                     f"{(ppl['after'] / ppl['before']) if ppl['before'] and ppl['after'] else float('nan'):.3f} |")
+        lines += ["", f"Perplexity: {ppl['data']}, seqlen {ppl['seqlen']}, {ppl['windows']} windows, "
+                      f"{ppl['tokens_scored']:,} scored tokens."]
+    cal = report.get("calibration") or {}
+    if cal:
+        lines += ["", f"Calibration: {cal.get('source')}, {cal.get('nsamples')} × {cal.get('seqlen')} tokens, "
+                      f"seed {cal.get('seed')}."]
+    lines += [
+        "",
+        f"Targets: {t['targets']} ({t['compressed']} compressed, {t['skipped']} kept dense). "
+        f"Clamped Gram eigenvalues: {t['clamped_eigenvalues']}.",
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()),
+        "",
+        "| module | shape | result | params before → after | rel. weight err | rel. output err | clamps | s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in report["modules"]:
+        spec = m["spec"] or {}
+        result = ", ".join(f"{k}={v}" for k, v in spec.items()) if m["compressed"] else f"dense: {m['note']}"
+        out_err = "—" if m["rel_output_error"] is None else f"{m['rel_output_error']:.4f}"
+        lines.append(
+            f"| {m['name']} | {m['shape'][0]}×{m['shape'][1]} | {result} | {m['params_before']:,} → "
+            f"{m['params_after']:,} | {m['rel_weight_error']:.4f} | {out_err} | {m['clamped_eigenvalues']} | "
+            f"{m['seconds']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"

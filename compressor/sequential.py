@@ -1,0 +1,133 @@
+"""Layer-by-layer runner: capture the first decoder layer's inputs once, then walk the layers.
+
+Lifecycle for each decoder layer i (only this layer is on the compute device; activations wait on the offload
+device between layers):
+  1. move layer i to the device, add statistics hooks to its targets, run every calibration batch through it;
+  2. remove the hooks, call `on_layer(i, collector)` (decompose + swap modules — the caller's business);
+  3. the next layer's inputs are this layer's outputs: recomputed with the compressed layer
+     (`propagate="compressed"`, the default: later layers see the errors of earlier ones) or the outputs of
+     the uncompressed layer from step 1 (`propagate="dense"`: statistics then equal the dense model's);
+  4. move layer i back to the offload device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compressor.stats import StatsCollector
+from compressor.targets import find_decoder_layers
+
+
+class _Captured(Exception):
+    """Raised by the catcher to stop the forward pass once the first layer's inputs are recorded."""
+
+
+class _Catcher(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        raise _Captured
+
+    def __getattr__(self, name):
+        # Some decoder loops read attributes of the layer (e.g. its attention type): answer for the layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+
+def move(obj, device):
+    """Tensors (also inside tuples, lists and dicts) to `device`; anything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, *, device, offload, batch_size: int):
+    """Run the model up to the first decoder layer for each calibration batch; return [(args, kwargs)]."""
+    layers[0] = catcher = _Catcher(layers[0])
+    try:
+        for start in range(0, batches.shape[0], batch_size):
+            chunk = batches[start : start + batch_size].to(device)
+            try:
+                model(input_ids=chunk, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        layers[0] = catcher.layer
+    return [move(call, offload) for call in catcher.calls]
+
+
+def _run_layer(layer, calls, device, offload) -> list:
+    """Run `layer` on each recorded call; return the calls for the next layer (same kwargs, new hidden states)."""
+    outs = []
+    for args, kwargs in calls:
+        out = move(_layer_output(layer(*move(args, device), **move(kwargs, device))), offload)
+        outs.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
+    return outs
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    batches: torch.Tensor,
+    layer_targets: list[dict[str, nn.Linear]],
+    needs: frozenset,
+    on_layer: Callable[[int, StatsCollector], None],
+    *,
+    device: torch.device | str = "cpu",
+    offload: torch.device | str = "cpu",
+    batch_size: int = 8,
+    propagate: str = "compressed",
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    path, layers = find_decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    # Everything but the decoder layers (embeddings, rotary tables, final norm) goes to the device now.
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+    for layer in layers:
+        layer.to(offload)
+
+    calls = capture_layer_inputs(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
+    for index, layer in enumerate(layers):
+        layer.to(device)
+        collector = StatsCollector(layer_targets[index], needs)
+        try:
+            outs = []
+            for call in calls:
+                collector.start_batch()
+                outs.extend(_run_layer(layer, [call], device, offload))
+        finally:
+            collector.remove()
+        if layer_targets[index]:
+            on_layer(index, collector)
+        if propagate == "compressed" and layer_targets[index]:
+            outs = _run_layer(layer, calls, device, offload)
+        calls = outs
+        layer.to(offload)
+        if progress is not None:
+            progress(index)
+    model.train(was_training)

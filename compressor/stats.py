@@ -1,0 +1,84 @@
+"""Per-linear calibration statistics, accumulated by forward hooks in fp64.
+
+Linears that read the same input tensor (q/k/v; gate/up) are detected at run time by the identity of the
+tensor they receive, so they share one accumulator: no per-architecture table. Statistics live in this
+collector, keyed by module name, never on the modules; `remove()` takes every hook away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Stats:
+    """Statistics of one linear's inputs x_t (n features) over `count` calibration tokens."""
+
+    count: int = 0
+    gram: torch.Tensor | None = None  # Σ x xᵀ, (n, n) fp64
+    abs_sum: torch.Tensor | None = None  # Σ |x|, (n,) fp64
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+
+@dataclass
+class StatsCollector:
+    modules: dict[str, nn.Module]
+    needs: frozenset
+    stats: dict[str, Stats] = field(default_factory=dict)  # keyed by the owner of each shared input
+    owner: dict[str, str] = field(default_factory=dict)  # module name -> name whose accumulator it shares
+    _handles: list = field(default_factory=list)
+    _seen: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def start_batch(self):
+        self._seen.clear()
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            x = args[0]
+            signature = (x.data_ptr(), tuple(x.shape), x.dtype)
+            # Keep the tensor referenced until the next batch so its memory cannot be reused by a later,
+            # different input of the same shape (which would otherwise look like a shared input).
+            first, _ = self._seen.setdefault(signature, (name, x))
+            self.owner.setdefault(name, first)
+            if first != name:
+                return  # same input as an earlier linear of this forward: its accumulator already has it
+            self._accumulate(name, x.detach().reshape(-1, x.shape[-1]))
+
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, name: str, x: torch.Tensor):
+        s = self.stats.setdefault(name, Stats())
+        x64 = x.to(torch.float64)
+        s.count += x.shape[0]
+        if "gram" in self.needs:
+            g = x64.T @ x64
+            s.gram = g if s.gram is None else s.gram.add_(g)
+        if "abs_mean" in self.needs:
+            a = x64.abs().sum(0)
+            s.abs_sum = a if s.abs_sum is None else s.abs_sum.add_(a)
+
+    def for_module(self, name: str) -> Stats:
+        return self.stats[self.owner[name]]
+
+    def groups(self) -> dict[str, list[str]]:
+        """owner -> the module names that share its input (in registration order)."""
+        out: dict[str, list[str]] = {}
+        for name in self.modules:
+            out.setdefault(self.owner[name], []).append(name)
+        return out
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

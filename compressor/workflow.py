@@ -1,0 +1,126 @@
+"""End-to-end jobs behind the CLI, usable from Python: compress a checkpoint to a directory, evaluate one.
+
+    from compressor.workflow import compress_checkpoint
+    report = compress_checkpoint("Qwen/Qwen2.5-0.5B", "svd-llm-20", "out/", evaluate_ppl=True)
+
+Every user error is detected before the model is loaded where possible (output directory, recipe, calibration
+text), so bad input fails in a second with one line and nothing on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from compressor import api
+from compressor.data import load_texts
+from compressor.errors import UserError
+from compressor.recipe import load_recipe
+from compressor.report import build_report, render_markdown, state_bytes
+from compressor.targets import find_decoder_layers
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def layer_progress(description: str, total: int, enabled: bool = True):
+    """A rich progress bar with ETA; yields a callback(index) that advances it by one layer."""
+    if not enabled:
+        yield None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda index: progress.advance(task)
+
+
+def _params(model) -> int:
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def _eval(model, tokenizer, data, seqlen, device, max_windows, show, label):
+    with layer_progress(f"perplexity ({label})", 1, show) as _:
+        return api.evaluate(model, tokenizer, data, seqlen=seqlen, device=device, max_windows=max_windows)
+
+
+def default_eval_seqlen(model, requested: int | None) -> int:
+    """The papers use 2048; never exceed the context the model was trained for."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    return requested if requested is not None else min(2048, limit)
+
+
+def compress_checkpoint(
+    model_name: str,
+    recipe_name: str,
+    out: str | Path,
+    *,
+    overrides: tuple[str, ...] = (),
+    calib: str | None = None,
+    evaluate_ppl: bool = False,
+    eval_data: str | None = None,
+    eval_seqlen: int | None = None,
+    eval_max_windows: int | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory exists: {out} (pass --overwrite to replace it)")
+    recipe = load_recipe(recipe_name, overrides)
+    calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
+    if evaluate_ppl:
+        load_texts(eval_data, split_default="test")
+    timings = {}
+    t0 = time.perf_counter()
+    loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    timings["load"] = time.perf_counter() - t0
+    params_before, bytes_before = _params(model), state_bytes(model, loaded.storage_dtype)
+    seqlen = default_eval_seqlen(model, eval_seqlen)
+    ppl_before = None
+    if evaluate_ppl:
+        t0 = time.perf_counter()
+        ppl_before = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "before")
+        timings["eval_before"] = time.perf_counter() - t0
+    batches, calib_info = api.calibration_data(tok, recipe, calib)
+    calib_info["source"] = calib_texts[1]
+    n_layers = len(find_decoder_layers(model)[1])
+    with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
+        result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=loaded.storage_dtype,
+                              progress=advance)
+    result.calibration = calib_info
+    timings.update(result.timings)
+    ppl_after = None
+    if evaluate_ppl:
+        t0 = time.perf_counter()
+        ppl_after = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "after")
+        timings["eval_after"] = time.perf_counter() - t0
+    report = build_report(
+        result, model_source=model_name, params_before=params_before, params_after=_params(model),
+        bytes_before=bytes_before, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_before,
+        ppl_after=ppl_after, timings=timings, device=device,
+    )
+    t0 = time.perf_counter()
+    model.to(loaded.storage_dtype)  # exact: compress() already rounded the weights through this dtype
+    result.save(out, tokenizer=tok, report=report, report_md=render_markdown(report), overwrite=overwrite)
+    report["timings_seconds"]["save"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def evaluate_checkpoint(model_name: str, *, data=None, seqlen=None, device="cpu", dtype="auto", batch_size=4,
+                        max_windows=None, trust_remote_code=False, show_progress=True):
+    if data is not None:
+        load_texts(data, split_default="test")
+    loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    seqlen = default_eval_seqlen(loaded.model, seqlen)
+    with layer_progress("perplexity", 1, show_progress):
+        return api.evaluate(loaded.model, loaded.tokenizer, data, seqlen=seqlen, batch_size=batch_size,
+                            device=device, max_windows=max_windows)
