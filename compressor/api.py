@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -238,8 +239,7 @@ def evaluate(model, tokenizer, data: str | None = None, *, seqlen: int = 2048, b
     if max_windows is not None:
         windows = windows[:max_windows]
     result = perplexity(model, windows, batch_size=batch_size, device=device, progress=progress)
-    result.data = description
-    return result
+    return dataclasses.replace(result, data=description)
 
 
 def load_compressed(path, *, dtype=None, device=None):

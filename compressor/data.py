@@ -16,7 +16,7 @@ byte for byte. A `.txt` file has no rows, so there the blank-line separators are
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,6 @@ class HubRequest:
     data_files: dict[str, str] | None = None  # only the requested split's files: others would be downloaded too
     column: str = "text"
     max_documents: int | None = None  # first N rows; a full C4 shard is far more text than any protocol uses
-    note: str = field(default="", compare=False)
 
 
 # split_default ("train" calibration, "valid", "test" evaluation) -> what the papers load for that role.

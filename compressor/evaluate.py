@@ -23,6 +23,7 @@ class PerplexityResult:
     tokens: int  # scored predictions: windows * (seqlen - 1)
     windows: int
     seqlen: int
+    data: str = ""  # what text was scored (filled in by api.evaluate)
 
 
 def perplexity(

@@ -109,7 +109,8 @@ def replace_linears(model: nn.Module, modules: dict[str, dict]) -> None:
     for name, target in _resolve_names(model, modules).items():
         old = model.get_submodule(target)
         if not isinstance(old, nn.Linear):
-            raise ValueError(f"lrc checkpoint lists {name!r} as compressed, but it is a {type(old).__name__}, not a Linear")
+            kind = type(old).__name__
+            raise ValueError(f"lrc checkpoint lists {name!r} as compressed, but it is a {kind}, not a Linear")
         new = empty_module(
             modules[name],
             old.in_features,

@@ -43,8 +43,11 @@ def rtn_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
         zero = torch.round(-wmin / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, qmax)
     # An all-zero group would give scale 0 and 0/0 later: any positive scale represents it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # Round scales to fp16 now so that quantization uses exactly the scales that get stored.
-    scale = scale.half().float()
+    # Round scales to fp16 now so that quantization uses exactly the scales that get stored; round up, never
+    # down, so the group's extremes still fall within half a step of a code (no clipping).
+    half = scale.half()
+    half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    scale = half.float()
     return scale, zero
 
 

@@ -20,9 +20,11 @@ from compressor.io import checkpoint_bytes, load_compressed, save_compressed
 from compressor.modules import LowRankLinear, QuantLinear, module_from_factors
 
 SIZES = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=256,
 )
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LINEARS = ATTN + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 INPUT = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
@@ -57,7 +59,8 @@ def compress(model, plan: dict[str, callable]):
     """Swap each named linear for the module built from `plan[name](weight)`."""
     for name, make in plan.items():
         old = model.get_submodule(name)
-        new = module_from_factors(make(old.weight), old.bias.detach() if old.bias is not None else None, old.weight.dtype)
+        bias = old.bias.detach() if old.bias is not None else None
+        new = module_from_factors(make(old.weight), bias, old.weight.dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return model
