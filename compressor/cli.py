@@ -161,6 +161,9 @@ def demo(output, device):
 
 
 def main():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lrc draws its own progress; transformers' bars would interleave
     app(prog_name="lrc")
 
 

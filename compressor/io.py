@@ -62,6 +62,7 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         for name, content in extra_files.items():
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        _apply_umask(tmp)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,6 +169,15 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
     # --overwrite replaces a previous checkpoint, never an arbitrary folder (a typo must not delete $HOME).
     if any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file():
         raise UserError(f"refusing to overwrite {out_dir}: it is not empty and holds no model checkpoint")
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp (and some writers) create private 0700/0600 entries; give the result the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
