@@ -55,9 +55,13 @@ def _checkpoint_dtype(config) -> torch.dtype:
 
 
 def load_model(
-    name_or_path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
+    name_or_path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+    keep_on_cpu: bool = False,
 ) -> LoadedModel:
-    """A causal LM and its tokenizer from a local directory or a hub id (lrc checkpoints included)."""
+    """A causal LM and its tokenizer from a local directory or a hub id (lrc checkpoints included).
+
+    `device` is where it will compute (it decides dtype "auto"); with `keep_on_cpu` the weights stay in CPU
+    memory so the layer-by-layer runner can move one decoder layer at a time to the device."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path)
@@ -72,7 +76,7 @@ def load_model(
         compute = _resolve_dtype(dtype, device, storage)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=compute, trust_remote_code=trust_remote_code
-        ).to(device)
+        ).to("cpu" if keep_on_cpu else device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except UserError:
         raise

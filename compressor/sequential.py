@@ -130,4 +130,5 @@ def run_sequential(
         layer.to(offload)
         if progress is not None:
             progress(index)
+    model.to(offload)  # the embeddings and head follow the layers back: one place for the whole model
     model.train(was_training)

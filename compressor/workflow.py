@@ -44,8 +44,13 @@ def _params(model) -> int:
 
 
 def _eval(model, tokenizer, data, seqlen, device, max_windows, show, label):
+    """Whole-model evaluation on `device`; the model goes back to CPU memory afterwards."""
     with layer_progress(f"perplexity ({label})", 1, show) as _:
-        return api.evaluate(model, tokenizer, data, seqlen=seqlen, device=device, max_windows=max_windows)
+        model.to(device)
+        try:
+            return api.evaluate(model, tokenizer, data, seqlen=seqlen, device=device, max_windows=max_windows)
+        finally:
+            model.to("cpu")
 
 
 def default_eval_seqlen(model, requested: int | None) -> int:
@@ -80,7 +85,8 @@ def compress_checkpoint(
         load_texts(eval_data, split_default="test")
     timings = {}
     t0 = time.perf_counter()
-    loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                            keep_on_cpu=True)
     model, tok = loaded.model, loaded.tokenizer
     timings["load"] = time.perf_counter() - t0
     params_before, bytes_before = _params(model), state_bytes(model, loaded.storage_dtype)
