@@ -197,8 +197,9 @@ def compress(
         reports.extend(compress_layer(model, layer_targets[index], collector.groups(), collector.stats, method, options))
         timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
 
-    reusable = statistics is not None and recipe.sequential.inputs == "dense"
-    if reusable:
+    if statistics is not None and recipe.sequential.inputs != "dense":
+        raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
+    if statistics is not None:
         if not (method.needs | REPORT_STATS) <= statistics.needs:
             raise ValueError(f"statistics lack {sorted(method.needs - statistics.needs)} needed by {method.name}")
         if tuple(tuple(t) for t in layer_targets) != statistics.targets:

@@ -70,7 +70,9 @@ def compress_layer(
             if method.factorizes:
                 rank, reason = resolve_rank(m, n, options)
                 if rank is None:
-                    reports.append(ModuleReport(name, (m, n), False, None, m * n, m * n, 0.0, 0.0, 0, 0.0, reason))
+                    bias = targets[name].bias
+                    dense = m * n + (0 if bias is None else bias.numel())
+                    reports.append(ModuleReport(name, (m, n), False, None, dense, dense, 0.0, 0.0, 0, 0.0, reason))
                     continue
             buckets.setdefault((m, n, rank), []).append(name)
         for (m, n, rank), members in buckets.items():

@@ -7,6 +7,8 @@ skipped (left dense) and the report says why.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,7 +33,8 @@ class RankOptions(BaseModel):
 
 
 def rank_for_ratio(m: int, n: int, param_ratio: float) -> int:
-    return max(1, int(param_ratio * m * n // (m + n)))
+    # Exact rational arithmetic: float floor-division loses a rank where p·m·n/(m+n) is an integer.
+    return max(1, math.floor(Fraction(repr(float(param_ratio))) * m * n / (m + n)))
 
 
 def saves_parameters(m: int, n: int, rank: int) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compressor import registry
 from compressor.errors import UserError
@@ -51,6 +51,11 @@ class Recipe(Strict):
     options: dict[str, Any] = {}
     targets: list[str] = ["*"]
     ignore: list[str] = []
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value  # `--set targets='*q_proj'`
     calibration: Calibration = Calibration()
     sequential: Sequential = Sequential()
 
