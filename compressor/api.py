@@ -94,6 +94,7 @@ class CompressionResult:
     modules: list[ModuleReport]
     timings: dict[str, float] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    storage_dtype: torch.dtype | None = None  # the checkpoint's dtype; save() writes the weights in it
 
     def specs(self) -> dict[str, dict]:
         return {m.name: m.spec for m in self.modules if m.compressed}
@@ -101,6 +102,8 @@ class CompressionResult:
     def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md: str = "", overwrite=False):
         from compressor.io import save_compressed
 
+        if self.storage_dtype is not None:
+            self.model.to(self.storage_dtype)  # exact: compress() rounded the weights through this dtype
         extra = {"recipe.yaml": self.recipe.to_yaml()}
         if report is not None:
             extra["report.json"] = json.dumps(report, indent=2)
@@ -226,7 +229,7 @@ def compress(
     if storage_dtype is not None:
         _round_through(model, storage_dtype)
     timings["compress_total"] = time.perf_counter() - start
-    return CompressionResult(model, recipe, reports, timings, calibration)
+    return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype)
 
 
 @torch.no_grad()

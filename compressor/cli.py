@@ -58,7 +58,7 @@ def _device_options(f):
 @click.option("--dense-inputs", is_flag=True,
               help="calibrate each layer on the uncompressed model's activations instead of the compressed ones")
 @click.option("--eval", "evaluate_ppl", is_flag=True, help="measure perplexity before and after")
-@click.option("--eval-data", default=None, help="evaluation text (default: the bundled test split)")
+@click.option("--eval-data", default=None, help="evaluation text (default: the bundled test split); implies --eval")
 @click.option("--eval-seqlen", type=int, default=None, help="evaluation window (default 2048, capped at the model's context)")
 @click.option("--eval-max-windows", type=int, default=None, help="evaluate on the first N windows only")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
@@ -68,6 +68,7 @@ def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, de
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
     from compressor.workflow import compress_checkpoint
 
+    evaluate_ppl = evaluate_ppl or eval_data is not None  # asking for evaluation data means evaluating
     extra = [f"calibration.{k}={v}" for k, v in (("nsamples", nsamples), ("seqlen", seqlen), ("seed", seed))
              if v is not None]
     if dense_inputs:

@@ -18,7 +18,8 @@ from rich.table import Table
 from compressor import api
 from compressor.io import checkpoint_bytes
 from compressor.recipe import load_recipe
-from compressor.report import build_report, render_markdown, state_bytes
+from compressor.errors import UserError
+from compressor.report import build_report, count_parameters, render_markdown, state_bytes
 from compressor.resources import demo_model_dir
 from compressor.targets import find_decoder_layers
 from compressor.workflow import default_eval_seqlen, layer_progress
@@ -30,6 +31,8 @@ def run_demo(output: str | None = None, device: str = "cpu", console: Console | 
              recipes=DEMO_RECIPES, nsamples: int | None = None) -> list[dict]:
     console = console or Console()
     t_all = time.perf_counter()
+    if not (demo_model_dir() / "model.safetensors").is_file():
+        raise UserError(f"shipped demo model missing at {demo_model_dir()}: run scripts/train_demo_model.py")
     source = str(demo_model_dir())
     loaded = api.load_model(source, device=device)
     dense, tok = loaded.model, loaded.tokenizer
@@ -39,7 +42,7 @@ def run_demo(output: str | None = None, device: str = "cpu", console: Console | 
     extra = ["sequential.inputs=dense"] + ([f"calibration.nsamples={nsamples}"] if nsamples else [])
     recipe_objs = [load_recipe(name, extra) for name in recipes]
     base_bytes = checkpoint_bytes(source)
-    base_params = sum(t.numel() for t in dense.state_dict().values())
+    base_params = count_parameters(dense)
 
     t0 = time.perf_counter()
     ppl_dense = api.evaluate(dense, tok, seqlen=seqlen, device=device)
@@ -64,11 +67,10 @@ def run_demo(output: str | None = None, device: str = "cpu", console: Console | 
                                   progress=advance)
         result.calibration = calib_info
         ppl = api.evaluate(model, tok, seqlen=seqlen, device=device)
-        params = sum(t.numel() for t in model.state_dict().values())
+        params = count_parameters(model)
         report = build_report(result, model_source=source, params_before=base_params, params_after=params,
                               bytes_before=base_bytes, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_dense, ppl_after=ppl,
                               device=device)
-        model.to(loaded.storage_dtype)
         target = out_root / recipe.name
         result.save(target, tokenizer=tok, report=report, report_md=render_markdown(report), overwrite=True)
         size = checkpoint_bytes(target)

@@ -42,7 +42,7 @@ def _version() -> str:
 class LrcConfig(QuantizationConfigMixin):
     """The `quantization_config` section of an lrc checkpoint's config.json.
 
-    {"quant_method": "lrc", "lrc_version": "0.1.0", "method": "svd_llm", "recipe": "svd-llm-20",
+    {"quant_method": "lrc", "lrc_version": "0.1.0", "method": "svd-llm", "recipe": "svd-llm-20",
      "modules": {"model.layers.0.self_attn.q_proj": {"kind": "lowrank", "rank": 12}, ...}}
     """
 

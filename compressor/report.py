@@ -24,6 +24,18 @@ def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) 
     return total
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """Logical parameters: every quantized weight counts as one (at its bit width), plus its scales and zero
+    points; packed int32 words are not parameters. Low-rank factors, biases and residual paths count in full."""
+    from compressor.modules import QuantLinear
+
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.in_features * module.out_features + 2 * module.scales.numel()
+    return total
+
+
 def peak_memory() -> dict:
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"cpu_peak_rss_bytes": rss_kib * (1 if sys.platform == "darwin" else 1024)}

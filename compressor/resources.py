@@ -30,4 +30,8 @@ DEMO_MODEL_NAME = "lrc-demo-llama"
 
 
 def demo_model_dir() -> Path:
-    return resource_dir("models") / DEMO_MODEL_NAME
+    """Where the shipped demo model lives (the caller checks that it is there)."""
+    for candidate in (_PKG / "_data" / "models" / DEMO_MODEL_NAME, _PKG.parent / "models" / DEMO_MODEL_NAME):
+        if candidate.is_dir():
+            return candidate
+    return _PKG.parent / "models" / DEMO_MODEL_NAME

@@ -20,8 +20,8 @@ from compressor import api
 from compressor.data import load_texts
 from compressor.errors import UserError
 from compressor.recipe import load_recipe
-from compressor.report import build_report, render_markdown, state_bytes
-from compressor.targets import find_decoder_layers
+from compressor.report import build_report, count_parameters, render_markdown, state_bytes
+from compressor.targets import find_decoder_layers, select_targets
 
 console = Console(stderr=True)
 
@@ -34,13 +34,10 @@ def layer_progress(description: str, total: int, enabled: bool = True):
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
+    # Not on a terminal (CI, pipes) the bar would only add stray blank lines to stderr.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total)
         yield lambda index: progress.advance(task)
-
-
-def _params(model) -> int:
-    return sum(t.numel() for t in model.state_dict().values())
 
 
 def _eval(model, tokenizer, data, seqlen, device, max_windows, show, label):
@@ -89,7 +86,8 @@ def compress_checkpoint(
                             keep_on_cpu=True)
     model, tok = loaded.model, loaded.tokenizer
     timings["load"] = time.perf_counter() - t0
-    params_before, bytes_before = _params(model), state_bytes(model, loaded.storage_dtype)
+    select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
+    params_before, bytes_before = count_parameters(model), state_bytes(model, loaded.storage_dtype)
     seqlen = default_eval_seqlen(model, eval_seqlen)
     ppl_before = None
     if evaluate_ppl:
@@ -110,12 +108,11 @@ def compress_checkpoint(
         ppl_after = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "after")
         timings["eval_after"] = time.perf_counter() - t0
     report = build_report(
-        result, model_source=model_name, params_before=params_before, params_after=_params(model),
+        result, model_source=model_name, params_before=params_before, params_after=count_parameters(model),
         bytes_before=bytes_before, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_before,
         ppl_after=ppl_after, timings=timings, device=device,
     )
     t0 = time.perf_counter()
-    model.to(loaded.storage_dtype)  # exact: compress() already rounded the weights through this dtype
     result.save(out, tokenizer=tok, report=report, report_md=render_markdown(report), overwrite=overwrite)
     report["timings_seconds"]["save"] = round(time.perf_counter() - t0, 3)
     return report
