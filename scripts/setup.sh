@@ -8,7 +8,7 @@
 #
 # Environment:
 #   LRC_TORCH_SPEC   the torch requirement to install first (default "torch==2.13.0"); for example
-#                    LRC_TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" on a CUDA machine.
+#                    LRC_TORCH_SPEC="torch==2.5.1" (any requirement pip understands, options included) on a CUDA machine.
 #   PYTHON           the interpreter that creates the venv (default python3).
 set -euo pipefail
 

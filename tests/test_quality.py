@@ -50,20 +50,20 @@ def test_whitening_beats_plain_svd_at_20_percent(demo, ppl):
     dense = demo[2]
     svd, svd_llm = ppl("svd-20"), ppl("svd-llm-20")
     assert dense < svd_llm < svd
-    assert svd / svd_llm > MARGIN_SVD
+    # measured (2026-11-23): dense 35.896, svd-20 36.376 (+0.480), svd-llm-20 36.053 (+0.157): 3.1x less damage
+    assert (svd - dense) > 2.0 * (svd_llm - dense)
 
 
 def test_eora_repairs_most_of_the_4bit_gap(demo, ppl):
     dense = demo[2]
     rtn, eora = ppl("rtn-4bit"), ppl("eora-4bit")
     assert eora < rtn
-    assert (eora - dense) < MARGIN_EORA * (rtn - dense)
+    # measured: rtn-4bit 35.956 (+0.060), eora-4bit 35.901 (+0.005): EoRA repairs ~92% of the 4-bit gap
+    assert (eora - dense) < 0.5 * (rtn - dense)
 
 
-def test_more_compression_costs_more_perplexity(ppl):
-    assert ppl("svd-llm-40") > ppl("svd-llm-20") * MARGIN_40
-
-
-MARGIN_SVD = 1.0
-MARGIN_EORA = 1.0
-MARGIN_40 = 1.0
+def test_more_compression_costs_more_perplexity(demo, ppl):
+    dense = demo[2]
+    # measured: svd-llm-40 36.262 (+0.367) vs svd-llm-20 (+0.157); whitened 40% still beats plain SVD at 20%
+    assert (ppl("svd-llm-40") - dense) > 1.5 * (ppl("svd-llm-20") - dense)
+    assert ppl("svd-llm-40") < ppl("svd-20")
