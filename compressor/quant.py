@@ -83,6 +83,12 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of `pack`: (rows, words) int32 -> (rows, k) int32 codes."""
     rows, words = packed.shape
     p = packed.to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits == 0:
+        # Whole values per word (2, 4, 8 bits): one shift per slot instead of one per bit — the hot path of
+        # QuantLinear.forward. Same layout as the bit stream: value i sits in word i // per at bit (i % per)·b.
+        per = 32 // bits
+        shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
+        return ((p.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(rows, words * per)[:, :k].to(torch.int32)
     shifts = torch.arange(32, dtype=torch.int64, device=packed.device)
     stream = ((p.unsqueeze(-1) >> shifts) & 1).reshape(rows, words * 32)[:, : k * bits]
     weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
