@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compressor import registry
+from compressor.allocation import allocate_ranks
 from compressor.apply import ModuleReport, compress_layer
 from compressor.data import calibration_batch, eval_windows, load_texts
 from compressor.errors import UserError
@@ -192,16 +193,32 @@ def compress(
     reports: list[ModuleReport] = []
     calibration: dict = {}
 
+    allocated = None
+
     def on_layer(index, collector):
         t0 = time.perf_counter()
         missing = [n for n in layer_targets[index] if n not in collector.owner]
         if missing:
             raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
-        reports.extend(compress_layer(model, layer_targets[index], collector.groups(), collector.stats, method, options))
+        reports.extend(compress_layer(model, layer_targets[index], collector.groups(), collector.stats, method,
+                                      options, allocated))
         timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
 
     if statistics is not None and recipe.sequential.inputs != "dense":
         raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
+    if batches is None and statistics is None:
+        if tokenizer is None:
+            raise ValueError("compress() needs `batches` or a `tokenizer` to build calibration data")
+        t0 = time.perf_counter()
+        batches, calibration = calibration_data(tokenizer, recipe, calib)
+        timings["calibration_data"] = time.perf_counter() - t0
+    if recipe.allocation != "uniform":
+        t0 = time.perf_counter()
+        dense_stats = statistics or collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size)
+        allocated = allocate_ranks(recipe, method, options, layer_targets, dense_stats)
+        timings["allocation"] = time.perf_counter() - t0
+        if recipe.sequential.inputs == "dense":
+            statistics = dense_stats
     if statistics is not None:
         if not (method.needs | REPORT_STATS) <= statistics.needs:
             raise ValueError(f"statistics lack {sorted(method.needs - statistics.needs)} needed by {method.name}")
@@ -210,17 +227,11 @@ def compress(
         for index, (groups, stats) in enumerate(statistics.layers):
             t0 = time.perf_counter()
             if layer_targets[index]:
-                reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options))
+                reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
             timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
             if progress is not None:
                 progress(index)
     else:
-        if batches is None:
-            if tokenizer is None:
-                raise ValueError("compress() needs `batches` or a `tokenizer` to build calibration data")
-            t0 = time.perf_counter()
-            batches, calibration = calibration_data(tokenizer, recipe, calib)
-            timings["calibration_data"] = time.perf_counter() - t0
         run_sequential(model, batches, layer_targets, method.needs | REPORT_STATS, on_layer, device=device,
                        batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress)
         timings["statistics"] = time.perf_counter() - start - sum(timings.values())

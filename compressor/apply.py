@@ -34,6 +34,7 @@ class ModuleReport:
     clamped_eigenvalues: int
     seconds: float
     note: str = ""
+    predicted_rel_output_error: float | None = None  # from the dense model's spectrum (rank allocation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +60,12 @@ def compress_layer(
     stats: dict[str, Stats],
     method: Method,
     options,
+    allocated: dict | None = None,
 ) -> list[ModuleReport]:
-    """`groups`: owner -> names sharing its input; `stats`: owner -> Stats. Swaps modules in `model`."""
+    """`groups`: owner -> names sharing its input; `stats`: owner -> Stats. Swaps modules in `model`.
+
+    `allocated`: name -> (rank or None for "keep dense", predicted error) from rank allocation; without it a
+    factorising method's rank comes from its own `rank` / `param_ratio` option."""
     reports: list[ModuleReport] = []
     for owner, names in groups.items():
         buckets: dict[tuple, list[str]] = {}
@@ -68,7 +73,11 @@ def compress_layer(
             m, n = targets[name].weight.shape
             rank = None
             if method.factorizes:
-                rank, reason = resolve_rank(m, n, options)
+                if allocated is not None:
+                    rank = allocated[name][0]
+                    reason = "" if rank is not None else "rank allocation kept it dense (no rank saves parameters)"
+                else:
+                    rank, reason = resolve_rank(m, n, options)
                 if rank is None:
                     bias = targets[name].bias
                     dense = m * n + (0 if bias is None else bias.numel())
@@ -90,8 +99,8 @@ def compress_layer(
                     raise FloatingPointError(f"{method.name} produced non-finite weights for {name}")
                 after = factors.num_params() + (0 if bias is None else bias.numel())
                 before = m * n + (0 if bias is None else bias.numel())
-                reports.append(
-                    ModuleReport(name, (m, n), True, factors.spec(), before, after, rel_w, rel_out, clamps, seconds)
-                )
+                predicted = allocated[name][1] if allocated is not None else None
+                reports.append(ModuleReport(name, (m, n), True, factors.spec(), before, after, rel_w, rel_out, clamps,
+                                            seconds, predicted_rel_output_error=predicted))
                 set_submodule(model, name, module)
     return reports

@@ -47,3 +47,64 @@ def resolve_rank(m: int, n: int, options: RankOptions) -> tuple[int | None, str]
     if not saves_parameters(m, n, rank):
         return None, f"rank {rank} would store {rank * (m + n):,} >= {m * n:,} parameters; kept dense"
     return rank, ""
+
+
+# ---- Rank allocation across modules (recipe field `allocation`) ------------------------------------------
+
+
+def max_rank(m: int, n: int) -> int:
+    """Largest rank that still saves parameters: r(m + n) < m n."""
+    return (m * n - 1) // (m + n)
+
+
+def allocate_energy(spectra: dict, shapes: dict, energy: float) -> dict:
+    """Per module, the smallest rank keeping `energy` of the (whitened) spectral energy Σσ²; a module whose
+    rank would not save parameters stays dense (None)."""
+    ranks = {}
+    for name, s in spectra.items():
+        e = s.double().pow(2)
+        cumulative = e.cumsum(0) / e.sum().clamp(min=1e-300)
+        rank = int((cumulative < energy).sum()) + 1
+        ranks[name] = rank if rank <= max_rank(*shapes[name]) else None
+    return ranks
+
+
+def allocate_global(spectra: dict, shapes: dict, budget: int, *, weight: str = "relative", min_rank: int = 1) -> dict:
+    """Choose every module's rank to minimise Σ_k w_k Σ_{i>r_k} σ_{k,i}² subject to Σ_k r_k (m_k + n_k) ≤ budget.
+
+    Each module's error falls by w σ_i² for its i-th singular value at a cost of (m + n) parameters; σ is sorted,
+    so taking items in order of w σ² / (m + n) while they fit is the greedy optimum for this separable problem
+    (up to the last item at the budget edge). A module never exceeds max_rank (it would grow the layer).
+    `weight`: "relative" (w = 1/Σσ², errors relative to ‖W X‖²) or "raw" (w = 1).
+    """
+    names = list(spectra)
+    ranks = {name: min(min_rank, max_rank(*shapes[name])) for name in names}
+    spent = sum(ranks[name] * sum(shapes[name]) for name in names)
+    if spent > budget:
+        raise ValueError(f"budget {budget:,} is below the per-module floor of rank {min_rank} ({spent:,})")
+    gains, owners, positions = [], [], []
+    for k, name in enumerate(names):
+        s2 = spectra[name].double().pow(2)
+        w = 1.0 / s2.sum().clamp(min=1e-300) if weight == "relative" else 1.0
+        top = max_rank(*shapes[name])
+        idx = range(ranks[name], min(top, s2.numel()))
+        for i in idx:
+            gains.append(float(w * s2[i]) / sum(shapes[name]))
+            owners.append(k)
+            positions.append(i)
+    import torch
+
+    order = torch.argsort(torch.tensor(gains, dtype=torch.float64), descending=True, stable=True).tolist()
+    for j in order:
+        name = names[owners[j]]
+        cost = sum(shapes[name])
+        if positions[j] == ranks[name] and spent + cost <= budget:  # prefix order within a module is kept
+            ranks[name] += 1
+            spent += cost
+    return ranks
+
+
+def predicted_relative_error(spectrum, rank: int) -> float:
+    """‖(W − Ŵ)X‖_F / ‖W X‖_F predicted from the whitened spectrum (exact for whitened truncation, dense inputs)."""
+    e = spectrum.double().pow(2)
+    return float((e[rank:].sum() / e.sum().clamp(min=1e-300)).sqrt())

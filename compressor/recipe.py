@@ -9,6 +9,7 @@
     ignore: []
     calibration: {nsamples: 64, seqlen: 256, seed: 0}
     sequential: {inputs: compressed}     # or "dense": feed each layer the uncompressed layer's outputs
+    allocation: uniform                  # or energy / global (one parameter budget for the whole model)
 
 Unknown keys anywhere are errors that name the key. `--set param_ratio=0.7` finds a bare option name in the
 method's options; dotted keys (`calibration.nsamples=32`) address any field.
@@ -43,6 +44,12 @@ class Sequential(Strict):
     inputs: Literal["compressed", "dense"] = "compressed"
 
 
+class Allocation(Strict):
+    energy: float = Field(0.95, gt=0, le=1, description="`energy`: kept fraction of each matrix's spectral energy")
+    weight: Literal["relative", "raw"] = "relative"  # `global`: error relative to ‖W X‖² or raw
+    min_rank: int = Field(1, gt=0, description="`global`: floor on every module's rank")
+
+
 class Recipe(Strict):
     version: Literal[1]
     name: str
@@ -58,6 +65,10 @@ class Recipe(Strict):
         return [value] if isinstance(value, str) else value  # `--set targets='*q_proj'`
     calibration: Calibration = Calibration()
     sequential: Sequential = Sequential()
+    # How ranks are chosen for factorising methods: the same kept fraction everywhere (`uniform`), the rank
+    # keeping a fraction of each matrix's whitened energy (`energy`), or one budget for all targets (`global`).
+    allocation: Literal["uniform", "energy", "global"] = "uniform"
+    allocation_options: Allocation = Allocation()
 
     def method_options(self) -> BaseModel:
         """The method's validated options (a frozen pydantic model)."""

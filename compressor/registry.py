@@ -26,12 +26,15 @@ class Method:
     Options: type[BaseModel]
     factorizes: bool
     summary: str
+    # (W[b,m,n], stats, options) -> singular values [b, min(m,n)] whose squared tail Σ_{i>r} σᵢ² is the
+    # method's own error at rank r: what rank allocation (energy / global) optimises. None: no allocation.
+    spectrum: Callable | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str):
+def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str, spectrum=None):
     unknown = set(needs) - KNOWN_STATS
     if unknown:
         raise ValueError(f"method {name!r} needs unknown statistics {sorted(unknown)}")
@@ -39,7 +42,7 @@ def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool,
     def wrap(fn):
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary)
+        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary, spectrum)
         return fn
 
     return wrap

@@ -14,7 +14,12 @@ class SVDOptions(RankOptions):
     pass
 
 
-@register("svd", needs=(), options=SVDOptions, factorizes=True, summary="truncated SVD of the weight")
+def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
+    return torch.linalg.svdvals(W.to(torch.float32))
+
+
+@register("svd", needs=(), options=SVDOptions, factorizes=True, summary="truncated SVD of the weight",
+          spectrum=spectrum)
 def decompose(W: torch.Tensor, stats, options: SVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n) same-shape weights. Error ‖W − BA‖_F = √(Σ_{i>r} σᵢ²)."""
     U, s, Vh, _ = truncated_svd(W.to(torch.float32), rank)

@@ -20,7 +20,13 @@ class SVDLLMOptions(RankOptions):
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1, description="eigenvalue clamp, relative to the largest")
 
 
-@register("svd-llm", needs=("gram",), options=SVDLLMOptions, factorizes=True, summary="whitened truncation-aware SVD")
+def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
+    """Singular values of W·S: the tail's squares are the output error on the calibration inputs."""
+    return torch.linalg.svdvals(W.to(torch.float64) @ whitening(stats.gram, options.eig_floor).S)
+
+
+@register("svd-llm", needs=("gram",), options=SVDLLMOptions, factorizes=True, summary="whitened truncation-aware SVD",
+          spectrum=spectrum)
 def decompose(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int) -> Decomposition:
     white = whitening(stats.gram, options.eig_floor)
     M = W.to(torch.float64) @ white.S
