@@ -25,7 +25,7 @@ from compressor.targets import select_targets
 
 from conftest import TINY_ARCHS, TINY_SIZES
 
-RECIPES = ("svd-20", "svd-llm-20", "svd-llm-40", "rtn-4bit", "eora-4bit")
+RECIPES = ("svd-20", "svd-llm-20", "svd-llm-40", "asvd-20", "rtn-4bit", "eora-4bit", "eora-gptq-4bit")
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LINEARS = ATTN + MLP
@@ -124,7 +124,7 @@ def test_every_recipe_roundtrips_with_identical_logits(tmp_path, tiny_model, cal
     reports = by_name(result)
     assert sorted(reports) == sorted(names()) and len(result.modules) == len(reports)
     method = result.recipe.method
-    kind = QuantLinear if method in ("rtn", "eora") else LowRankLinear
+    kind = QuantLinear if method in ("rtn", "gptq", "eora") else LowRankLinear
     for name in names():
         module, original, report = model.get_submodule(name), dense.get_submodule(name), reports[name]
         m, n = original.weight.shape
@@ -389,10 +389,10 @@ def _record_grams(monkeypatch) -> dict:
     seen: dict[str, torch.Tensor] = {}
     real = api.compress_layer
 
-    def spy(model, targets, groups, stats, method, options):
+    def spy(model, targets, groups, stats, method, options, allocated=None):
         for owner in groups:
             seen[owner] = stats[owner].gram.clone()
-        return real(model, targets, groups, stats, method, options)
+        return real(model, targets, groups, stats, method, options, allocated)
 
     monkeypatch.setattr(api, "compress_layer", spy)
     return seen

@@ -4,24 +4,42 @@ Base Q = quant(W); residual ΔW = W − Q. With G = X Xᵀ = S Sᵀ (S = V Λ^{1
 SVD of ΔW S gives B A' and A = A' S⁻¹: the whitened truncation of ΔW, minimising ‖(ΔW − BA)X‖_F. The layer
 computes Q x + B (A x); the r(m + n) residual parameters are full precision and counted in the report.
 
-Recipe `eora-4bit` uses rank 64 (the EoRA paper's and GPTQModel's usual setting for 7B-class models).
+The base is RTN (`base: rtn`) or GPTQ (`base: gptq`, which reads the same Gram; its options `damp`,
+`act_order`, `block_size` are accepted only with that base). Recipe `eora-4bit` uses rank 64 (the EoRA paper's
+and GPTQModel's usual setting for 7B-class models); `eora-gptq-4bit` is the paper's setting (GPTQ base with
+act-order).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compressor.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd, whitening
-from compressor.methods.rtn import BASES, BaseName, RTNOptions
+from compressor.methods.gptq import GPTQOptions, gptq_quantize
+from compressor.methods.rtn import rtn_quantize
 from compressor.registry import register
 
+# Quantized bases: (w (m, n), options, stats) -> Quantized.
+BASES = {"rtn": rtn_quantize, "gptq": gptq_quantize}
+BaseName = Literal["rtn", "gptq"]
+_GPTQ_ONLY = ("damp", "act_order", "block_size")
 
-class EoRAOptions(RTNOptions):
+
+class EoRAOptions(GPTQOptions):
     base: BaseName = "rtn"
     rank: int = Field(64, gt=0, description="rank of the residual path (capped at min(m, n))")
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _base_options(self):
+        stray = sorted(set(_GPTQ_ONLY) & self.model_fields_set) if self.base != "gptq" else []
+        if stray:
+            raise ValueError(f"{', '.join(stray)} only apply to base: gptq (base is {self.base!r})")
+        return self
 
 
 @register("eora", needs=("gram",), options=EoRAOptions, factorizes=False, summary="quantized base + whitened low-rank residual")
@@ -30,7 +48,7 @@ def decompose(W: torch.Tensor, stats, options: EoRAOptions, rank=None) -> Decomp
     rank = min(options.rank, W.shape[-2], W.shape[-1])
     out = []
     for w in W:
-        base = BASES[options.base](w, options)
+        base = BASES[options.base](w, options, stats)
         delta = w.to(torch.float64) - base.dequantized().to(torch.float64)
         U, s, Vh, _ = truncated_svd(delta @ white.S, rank)
         B, A = split_factors(U, s, Vh)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +18,8 @@ class RTNOptions(BaseModel):
     symmetric: bool = False
 
 
-def rtn_quantize(W: torch.Tensor, options) -> Quantized:
+def rtn_quantize(W: torch.Tensor, options, stats=None) -> Quantized:
+    """One (m, n) matrix. `stats` is unused: the signature is shared with the other EoRA bases (eora.BASES)."""
     scale, zero = quant.rtn_params(W, options.bits, options.group_size, options.symmetric)
     q = quant.quantize(W, scale, zero, options.bits, options.group_size)
     return Quantized.from_codes(q, scale, zero, options.bits, options.group_size)
@@ -29,7 +28,3 @@ def rtn_quantize(W: torch.Tensor, options) -> Quantized:
 @register("rtn", needs=(), options=RTNOptions, factorizes=False, summary="round-to-nearest b-bit quantization")
 def decompose(W: torch.Tensor, stats, options: RTNOptions, rank=None) -> Decomposition:
     return Decomposition([rtn_quantize(w, options) for w in W])
-
-
-BASES = {"rtn": rtn_quantize}
-BaseName = Literal["rtn"]
