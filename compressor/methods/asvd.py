@@ -39,7 +39,14 @@ def channel_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return (a / top).clamp(min=ABS_MEAN_FLOOR).pow(alpha)
 
 
-@register("asvd", needs=("abs_mean",), options=ASVDOptions, factorizes=True, summary="activation-aware (mean |x|) scaled SVD")
+def spectrum(W: torch.Tensor, stats, options: ASVDOptions) -> torch.Tensor:
+    """Singular values of W·diag(s): ASVD's own (scaled) error at each rank, for rank allocation."""
+    s = channel_scales(stats.abs_mean, options.alpha).to(device=W.device, dtype=torch.float32)
+    return torch.linalg.svdvals(W.to(torch.float32) * s)
+
+
+@register("asvd", needs=("abs_mean",), options=ASVDOptions, factorizes=True,
+          summary="activation-aware (mean |x|) scaled SVD", spectrum=spectrum)
 def decompose(W: torch.Tensor, stats, options: ASVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n) same-shape weights sharing one input (so one set of channel scales)."""
     s = channel_scales(stats.abs_mean, options.alpha).to(device=W.device, dtype=torch.float32)
