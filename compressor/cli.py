@@ -161,6 +161,52 @@ def demo(output, device):
     run_demo(output=output, device=device, console=out)
 
 
+@app.command()
+@click.argument("out", type=click.Path())
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="create the repository as private (ignored if it exists)")
+@click.option("--revision", default=None, help="branch to commit to (created when missing); default main")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True,
+              help="hub token (default: $HF_TOKEN, else the saved login); never printed")
+@click.option("--endpoint", default=None, help="hub endpoint URL (default: huggingface.co or $HF_ENDPOINT)")
+@click.option("--dry-run", is_flag=True, help="print the files and the generated model card; upload nothing")
+def upload(out, repo_id, private, revision, token, endpoint, dry_run):
+    """Upload the lrc output directory OUT to the hub repository REPO_ID, with a generated model card."""
+    from compressor.hub import upload as hub_upload
+
+    plan, url = hub_upload(out, repo_id, token=token or None, private=private, revision=revision,
+                           endpoint=endpoint, dry_run=dry_run)
+    if dry_run:
+        click.echo(plan.describe())
+    else:
+        click.echo(f"uploaded {len(plan.files) + 1} files to {repo_id}: {url}")
+
+
+@app.command()
+@click.argument("out", type=click.Path())
+def report(out):
+    """Re-render OUT/report.md and OUT/plots/*.png from OUT/report.json."""
+    from compressor.plots import render_report
+
+    written = render_report(out)
+    click.echo(f"wrote {out}/report.md and {len(written)} plots in {out}/plots/")
+
+
+@app.command()
+@click.argument("out", type=click.Path())
+@click.option("--dense", is_flag=True, help="export a plain dense checkpoint (the only format so far)")
+@click.option("--output", "-o", required=True, type=click.Path(), help="destination directory (must not exist)")
+@click.option("--overwrite", is_flag=True, help="replace an existing destination checkpoint")
+def export(out, dense, output, overwrite):
+    """Export the lrc checkpoint OUT as a dense transformers checkpoint that loads without lrc."""
+    from compressor.export import export_dense
+
+    if not dense:
+        raise UserError("pass --dense: a dense checkpoint is the only export format")
+    path, count = export_dense(out, output, overwrite=overwrite)
+    click.echo(f"wrote {path}/ ({count} compressed modules made dense; loads without lrc)")
+
+
 def main():
     from transformers.utils import logging as hf_logging
 

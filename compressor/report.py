@@ -97,7 +97,9 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, plots=()) -> str:
+    """report.md. `plots`: PNG paths relative to the report's folder (e.g. `plots/rank.png`, from
+    compressor.plots.write_plots); each is embedded as an image, in the given order; none: no images."""
     t = report["totals"]
     lines = [
         f"# lrc report — {report['model']} with `{report['recipe']}`",
@@ -131,6 +133,14 @@ def render_markdown(report: dict) -> str:
         "",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()),
         "",
+    ]
+    if plots:
+        from compressor.plots import PLOTS
+
+        for plot in plots:
+            plot = str(plot).replace("\\", "/")
+            lines += [f"![{PLOTS.get(plot.rsplit('/', 1)[-1], plot)}]({plot})", ""]
+    lines += [
         "| module | shape | result | params before → after | rel. weight err | rel. output err | clamps | s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
