@@ -11,13 +11,17 @@ from __future__ import annotations
 import torch
 
 from compressor.errors import UserError
-from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, rank_for_ratio
+from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank
 
 
 def _budget(shapes: dict, options) -> int:
-    if options.param_ratio is not None:
-        return int(sum(options.param_ratio * m * n for m, n in shapes.values()))
-    return sum(min(options.rank * (m + n), m * n) for m, n in shapes.values())
+    """What `uniform` would store for these targets: global allocation redistributes exactly that budget (never
+    more), so the two are compared at equal size."""
+    total = 0
+    for m, n in shapes.values():
+        rank, _ = resolve_rank(m, n, options)
+        total += m * n if rank is None else rank * (m + n)
+    return total
 
 
 @torch.no_grad()
@@ -42,5 +46,3 @@ def allocate_ranks(recipe, method, options, layer_targets, statistics) -> dict[s
         for name in spectra
     }
 
-
-__all__ = ["allocate_ranks", "rank_for_ratio"]

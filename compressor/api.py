@@ -100,12 +100,13 @@ class CompressionResult:
     def specs(self) -> dict[str, dict]:
         return {m.name: m.spec for m in self.modules if m.compressed}
 
-    def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md: str = "", overwrite=False):
+    def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md: str = "", overwrite=False,
+             extra_files: dict | None = None):
         from compressor.io import save_compressed
 
         if self.storage_dtype is not None:
             self.model.to(self.storage_dtype)  # exact: compress() rounded the weights through this dtype
-        extra = {"recipe.yaml": self.recipe.to_yaml()}
+        extra = {"recipe.yaml": self.recipe.to_yaml(), **(extra_files or {})}
         if report is not None:
             extra["report.json"] = json.dumps(report, indent=2)
             extra["report.md"] = report_md

@@ -88,3 +88,57 @@ class Decomposition:
 
     factors: list
     clamped_eigenvalues: int = 0
+
+
+def sparse_index_dtype(size: int) -> torch.dtype:
+    """Smallest signed integer dtype that holds indices 0..size-1 (safetensors has no unsigned 16-bit type)."""
+    return torch.int16 if size - 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+@dataclass
+class LowRankSparse:
+    """W ≈ B @ A + S with A: (r, n), B: (m, r) and a sparse S stored as values + indices.
+
+    per_row: `values` (m, k_row) and `indices` (m, k_row) column indices — row i holds S[i, indices[i]].
+    total:   `values` (nnz,) and `indices` (2, nnz) = (rows, cols), row-major order.
+    Indices are int16 when the indexed dimensions fit (< 32768), else int32."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+    in_features: int
+    per_row: bool = True
+
+    @classmethod
+    def from_indices(cls, A, B, values, indices, *, in_features: int, per_row: bool = True) -> "LowRankSparse":
+        m = B.shape[0]
+        dtype = sparse_index_dtype(in_features if per_row else max(m, in_features))
+        return cls(A=A, B=B, values=values, indices=indices.to(dtype), in_features=in_features, per_row=per_row)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def sparse_dense(self) -> torch.Tensor:
+        m, n = self.B.shape[0], self.in_features
+        S = torch.zeros(m, n, dtype=torch.float64, device=self.values.device)
+        if self.per_row:
+            return S.scatter_(1, self.indices.long(), self.values.double())
+        return S.index_put_((self.indices[0].long(), self.indices[1].long()), self.values.double())
+
+    def dense(self) -> torch.Tensor:
+        return self.B.double() @ self.A.double() + self.sparse_dense()
+
+    def num_params(self) -> int:
+        """Stored values r(m + n) + nnz; the int16/int32 indices are not parameters (they count in bytes)."""
+        return self.A.numel() + self.B.numel() + self.nnz
+
+    def spec(self) -> dict:
+        if self.per_row:
+            return {"kind": "lowrank_sparse", "rank": self.rank, "nnz_per_row": self.values.shape[1]}
+        return {"kind": "lowrank_sparse", "rank": self.rank, "nnz": self.nnz}

@@ -30,7 +30,7 @@ from compressor.modules import empty_module
 
 QUANT_METHOD = "lrc"
 _DEFAULT_VERSION = "0.1.0"
-_KINDS = ("lowrank", "quant")
+from compressor.modules import KINDS as _KINDS  # noqa: E402  (every kind empty_module rebuilds)
 
 
 def _version() -> str:

@@ -50,8 +50,11 @@ def save_compressed(
     table = _module_table(model, modules)
     extra_files = dict(extra_files or {})
     for name in extra_files:
-        if Path(name).name != name or name in _RESERVED or name.endswith(".safetensors"):
-            raise ValueError(f"extra file name {name!r} must be a plain file name that is not a checkpoint file")
+        parts = Path(name).parts
+        plain = len(parts) == 1 or (len(parts) == 2 and parts[0] == "plots")  # report images live in plots/
+        if not plain or ".." in parts or name in _RESERVED or name.endswith(".safetensors"):
+            raise ValueError(f"extra file name {name!r} must be a plain file name (or plots/NAME) that is not a "
+                             "checkpoint file")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -61,6 +64,7 @@ def save_compressed(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in extra_files.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir, overwrite)

@@ -148,6 +148,8 @@ def render_markdown(report: dict, plots=()) -> str:
         spec = m["spec"] or {}
         result = ", ".join(f"{k}={v}" for k, v in spec.items()) if m["compressed"] else f"dense: {m['note']}"
         out_err = "—" if m["rel_output_error"] is None else f"{m['rel_output_error']:.4f}"
+        if m.get("predicted_rel_output_error") is not None:  # rank allocation's prediction, next to the measure
+            out_err += f" (pred. {m['predicted_rel_output_error']:.4f})"
         lines.append(
             f"| {m['name']} | {m['shape'][0]}×{m['shape'][1]} | {result} | {m['params_before']:,} → "
             f"{m['params_after']:,} | {m['rel_weight_error']:.4f} | {out_err} | {m['clamped_eigenvalues']} | "

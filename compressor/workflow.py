@@ -50,6 +50,16 @@ def _eval(model, tokenizer, data, seqlen, device, max_windows, show, label):
             model.to("cpu")
 
 
+def report_plots(report: dict) -> dict[str, bytes]:
+    """{"plots/NAME.png": PNG bytes} for the report's plots, so they are written atomically with the output."""
+    import tempfile
+
+    from compressor.plots import write_plots
+
+    with tempfile.TemporaryDirectory() as folder:
+        return {f"plots/{p.name}": p.read_bytes() for p in write_plots(report, Path(folder))}
+
+
 def default_eval_seqlen(model, requested: int | None) -> int:
     """The papers use 2048; never exceed the context the model was trained for."""
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -72,6 +82,7 @@ def compress_checkpoint(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     show_progress: bool = True,
+    with_plots: bool = True,
 ) -> dict:
     out = Path(out)
     if out.exists() and not overwrite:
@@ -113,7 +124,9 @@ def compress_checkpoint(
         ppl_after=ppl_after, timings=timings, device=device,
     )
     t0 = time.perf_counter()
-    result.save(out, tokenizer=tok, report=report, report_md=render_markdown(report), overwrite=overwrite)
+    plots = report_plots(report) if with_plots else {}
+    result.save(out, tokenizer=tok, report=report, report_md=render_markdown(report, plots=list(plots)),
+                overwrite=overwrite, extra_files=plots)
     report["timings_seconds"]["save"] = round(time.perf_counter() - t0, 3)
     return report
 

@@ -18,14 +18,15 @@ import compressor
 from compressor import api
 from compressor.api import collect_statistics, compress
 from compressor.errors import UserError
-from compressor.modules import LowRankLinear, QuantLinear
+from compressor.modules import LowRankLinear, LowRankSparseLinear, QuantLinear
 from compressor.recipe import load_recipe
 from compressor.stats import StatsCollector
 from compressor.targets import select_targets
 
 from conftest import TINY_ARCHS, TINY_SIZES
 
-RECIPES = ("svd-20", "svd-llm-20", "svd-llm-40", "asvd-20", "rtn-4bit", "eora-4bit", "eora-gptq-4bit")
+RECIPES = ("svd-20", "svd-llm-20", "svd-llm-40", "asvd-20", "rtn-4bit", "eora-4bit", "eora-gptq-4bit",
+           "lowrank-sparse-50")
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LINEARS = ATTN + MLP
@@ -88,7 +89,7 @@ def assert_untouched_outside_targets(model, dense):
 
 
 def bias_of(module):
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, (LowRankLinear, LowRankSparseLinear)):
         return module.B.bias
     return module.bias
 
@@ -124,7 +125,8 @@ def test_every_recipe_roundtrips_with_identical_logits(tmp_path, tiny_model, cal
     reports = by_name(result)
     assert sorted(reports) == sorted(names()) and len(result.modules) == len(reports)
     method = result.recipe.method
-    kind = QuantLinear if method in ("rtn", "gptq", "eora") else LowRankLinear
+    kind = {"rtn": QuantLinear, "gptq": QuantLinear, "eora": QuantLinear,
+            "lowrank-sparse": LowRankSparseLinear}.get(method, LowRankLinear)
     for name in names():
         module, original, report = model.get_submodule(name), dense.get_submodule(name), reports[name]
         m, n = original.weight.shape
@@ -135,6 +137,8 @@ def test_every_recipe_roundtrips_with_identical_logits(tmp_path, tiny_model, cal
             assert module.spec() == {"kind": "quant", "bits": 4, "group_size": 128, "rank": min(64, m, n)}
         elif method == "rtn":
             assert module.spec() == {"kind": "quant", "bits": 4, "group_size": 128}
+        elif method == "lowrank-sparse":  # half the parameters, shared between factors and sparse entries
+            assert report.params_after <= report.params_before // 2 + (0 if original.bias is None else m)
         else:
             ratio = Fraction(str(result.recipe.options["param_ratio"]))
             assert module.rank == math.floor(ratio * m * n / (m + n))
