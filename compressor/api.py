@@ -24,6 +24,7 @@ from compressor.apply import ModuleReport, compress_layer
 from compressor.data import calibration_batch, eval_windows, load_texts
 from compressor.errors import UserError
 from compressor.evaluate import PerplexityResult, perplexity
+from compressor.fisher import FisherDiag, collect_fisher
 from compressor.recipe import Recipe, load_recipe
 from compressor.sequential import run_sequential
 from compressor.stats import Stats
@@ -143,15 +144,22 @@ def _as_recipe(recipe) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", batch_size=8, progress=None):
-    """One dense calibration pass gathering what all `recipes` need (they must agree on targets)."""
+def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", batch_size=8, progress=None,
+                       fisher: dict[str, FisherDiag] | None = None):
+    """One dense calibration pass gathering what all `recipes` need (they must agree on targets).
+
+    When a recipe needs "fisher", the Fisher pass runs first (or `fisher` from `collect_fisher` is reused) and
+    every target gets its own Stats (see `_per_module_fisher`)."""
     recipes = [_as_recipe(r) for r in recipes]
     needs = REPORT_STATS.union(*(registry.get(r.method).needs for r in recipes))
     layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
     layers = []
+    if "fisher" in needs and fisher is None:
+        fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
 
     def keep(index, collector):
-        layers.append((collector.groups(), {k: _to_cpu(v) for k, v in collector.stats.items()}))
+        groups, stats = collector.groups(), {k: _to_cpu(v) for k, v in collector.stats.items()}
+        layers.append(_per_module_fisher(groups, stats, fisher) if "fisher" in needs else (groups, stats))
 
     run_sequential(model, batches, layer_targets, needs, keep, device=device, batch_size=batch_size,
                    propagate="dense", progress=progress)
@@ -161,7 +169,32 @@ def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", b
 
 def _to_cpu(s: Stats) -> Stats:
     move = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return Stats(count=s.count, gram=move(s.gram), abs_sum=move(s.abs_sum))
+    return Stats(count=s.count, gram=move(s.gram), abs_sum=move(s.abs_sum), fisher=move(s.fisher),
+                 fisher_in=move(s.fisher_in))
+
+
+# --- Fisher ("fisher" in method.needs) -------------------------------------------------------------------------
+# The Fisher is a property of each WEIGHT (its own gradient), not of the input it shares with its siblings, so
+# unlike the Gram it cannot live in the shared per-owner Stats. It is collected once on the dense model before
+# any layer is compressed (the paper's Fisher is the original model's), then every target becomes its own group
+# with a Stats copy holding its vectors (the Gram is shared by reference, not copied). compress_layer and rank
+# allocation then need no special case; the price is that same-shape siblings (gate/up) are decomposed one by
+# one instead of in one batched SVD.
+
+def _fisher(model, batches, layer_targets, *, device, batch_size) -> dict[str, FisherDiag]:
+    names = [name for targets in layer_targets for name in targets]
+    return collect_fisher(model, batches, names, device=device, batch_size=batch_size)
+
+
+def _per_module_fisher(groups: dict[str, list[str]], stats: dict[str, Stats], fisher: dict[str, FisherDiag]):
+    """(owner -> names, owner -> Stats) -> (name -> [name], name -> Stats with that module's Fisher)."""
+    one_each, own = {}, {}
+    for owner, names in groups.items():
+        for name in names:
+            one_each[name] = [name]
+            own[name] = dataclasses.replace(stats[owner], fisher=fisher[name].out, fisher_in=fisher[name].in_)
+    return one_each, own
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def compress(
@@ -195,14 +228,17 @@ def compress(
     calibration: dict = {}
 
     allocated = None
+    fisher = None
 
     def on_layer(index, collector):
         t0 = time.perf_counter()
         missing = [n for n in layer_targets[index] if n not in collector.owner]
         if missing:
             raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
-        reports.extend(compress_layer(model, layer_targets[index], collector.groups(), collector.stats, method,
-                                      options, allocated))
+        groups, stats = collector.groups(), collector.stats
+        if fisher is not None:
+            groups, stats = _per_module_fisher(groups, stats, fisher)
+        reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
         timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
 
     if statistics is not None and recipe.sequential.inputs != "dense":
@@ -213,9 +249,14 @@ def compress(
         t0 = time.perf_counter()
         batches, calibration = calibration_data(tokenizer, recipe, calib)
         timings["calibration_data"] = time.perf_counter() - t0
+    if "fisher" in method.needs and statistics is None:  # on the dense model, before anything is compressed
+        t0 = time.perf_counter()
+        fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
+        timings["fisher"] = time.perf_counter() - t0
     if recipe.allocation != "uniform":
         t0 = time.perf_counter()
-        dense_stats = statistics or collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size)
+        dense_stats = statistics or collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size,
+                                                       fisher=fisher)
         allocated = allocate_ranks(recipe, method, options, layer_targets, dense_stats)
         timings["allocation"] = time.perf_counter() - t0
         if recipe.sequential.inputs == "dense":

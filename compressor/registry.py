@@ -1,7 +1,8 @@
 """Method registry: name -> Method. The pipeline asks a method what it needs; it never branches on names.
 
 A method is a pure function on tensors (see `compressor/methods/`). It declares
-- `needs`: which calibration statistics the pipeline must collect for its targets ("gram", "abs_mean"),
+- `needs`: which calibration statistics the pipeline must collect for its targets ("gram", "abs_mean",
+  "fisher": per-module squared LM-loss gradients, see compressor/fisher.py),
 - `Options`: a strict pydantic model of its recipe options (unknown key -> error),
 - `factorizes`: True when the method *replaces* W by rank-r factors, so the pipeline resolves the rank from
   `rank`/`param_ratio` with rank.py and skips targets where factoring would grow the layer. Methods whose rank
@@ -15,7 +16,7 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-KNOWN_STATS = frozenset({"gram", "abs_mean"})
+KNOWN_STATS = frozenset({"gram", "abs_mean", "fisher"})
 
 
 @dataclass(frozen=True)

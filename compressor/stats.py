@@ -20,6 +20,11 @@ class Stats:
     count: int = 0
     gram: torch.Tensor | None = None  # Σ x xᵀ, (n, n) fp64
     abs_sum: torch.Tensor | None = None  # Σ |x|, (n,) fp64
+    # Diagonal Fisher Σ_batches (∂L/∂W_ij)² of ONE module (not shared with the input's other readers: each weight
+    # has its own gradient), summed over the input axis -> one importance per output row (m,), and over the
+    # output axis -> one per input column (n,). fp64. Set by compressor/fisher.py, see api._per_module_fisher.
+    fisher: torch.Tensor | None = None
+    fisher_in: torch.Tensor | None = None
 
     @property
     def abs_mean(self) -> torch.Tensor:
