@@ -1,0 +1,94 @@
+"""Quality benchmark: method × budget → perplexity, printed as a table and written as JSON.
+
+    .venv/bin/python scripts/bench_quality.py                       # the shipped demo model (a few minutes)
+    .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40
+
+Every row compresses a fresh copy of the dense model with a built-in recipe (plus overrides) and scores it on
+the bundled test split with the papers' protocol. Budgets are "% of targeted parameters removed". All rows use
+the same calibration windows (nsamples × seqlen from the bundled train split, seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from compressor import api
+from compressor.recipe import load_recipe
+from compressor.report import count_parameters
+from compressor.resources import demo_model_dir
+
+# (label, recipe, overrides): removed budgets 20% and 40% for every low-rank method, plus the quantized rows.
+ROWS = [
+    (f"{method} {cut}%", recipe, [f"param_ratio={1 - cut / 100:g}"] + extra)
+    for cut in (20, 40)
+    for method, recipe, extra in (
+        ("svd", "svd-20", []),
+        ("fwsvd", "fwsvd-20", []),
+        ("asvd", "asvd-20", []),
+        ("svd-llm", "svd-llm-20", []),
+        ("svd-llm+global", "svd-llm-20", ["allocation=global"]),
+    )
+] + [
+    ("lowrank-sparse 50%", "lowrank-sparse-50", []),
+    ("svd-llm 50%", "svd-llm-20", ["param_ratio=0.5"]),
+    ("rtn 4-bit", "rtn-4bit", []),
+    ("eora(rtn) 4-bit r64", "eora-4bit", []),
+    ("eora(gptq) 4-bit r64", "eora-gptq-4bit", []),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(demo_model_dir()))
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-seqlen", type=int, default=256)
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--only", nargs="*", help="labels (substrings) of the rows to run")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/quality.json"))
+    args = parser.parse_args()
+
+    console = Console()
+    loaded = api.load_model(args.model)
+    calib = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}"]
+    evaluate = lambda m: api.evaluate(m, loaded.tokenizer, seqlen=args.eval_seqlen,  # noqa: E731
+                                      max_windows=args.max_windows)
+    dense = evaluate(loaded.model)
+    table = Table(title=f"{args.model}: perplexity on {dense.data} ({dense.windows} × {dense.seqlen} tokens)")
+    for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "seconds"):
+        table.add_column(col, justify="left" if col.startswith("method") else "right")
+    table.add_row("dense", "100%", f"{dense.ppl:.3f}", "", "")
+    rows = [{"label": "dense", "ppl": dense.ppl}]
+    for label, recipe, overrides in ROWS:
+        if args.only and not any(o in label for o in args.only):
+            continue
+        start = time.perf_counter()
+        model = copy.deepcopy(loaded.model)
+        result = api.compress(model, load_recipe(recipe, calib + overrides), tokenizer=loaded.tokenizer,
+                              storage_dtype=loaded.storage_dtype)
+        ppl = evaluate(model).ppl
+        kept = sum(m.params_after for m in result.modules) / sum(m.params_before for m in result.modules)
+        seconds = time.perf_counter() - start
+        table.add_row(label, f"{kept:.1%}", f"{ppl:.3f}", f"{ppl - dense.ppl:+.3f}", f"{seconds:.1f}")
+        rows.append({"label": label, "recipe": recipe, "overrides": overrides, "ppl": ppl, "kept": kept,
+                     "seconds": seconds})
+        del model
+    table.caption = (f"calibration {args.nsamples}×{args.seqlen} tokens (bundled train split); "
+                     f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {date.today()}")
+    console.print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"model": args.model, "date": str(date.today()), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
