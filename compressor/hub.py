@@ -21,6 +21,7 @@ import yaml
 
 from compressor.errors import UserError
 from compressor.io import read_quantization_config
+from compressor.report import data_lines
 
 CARD_NAME = "README.md"
 REQUIRED = ("config.json", "report.json", "recipe.yaml")
@@ -237,12 +238,7 @@ def build_model_card(report: dict, qc: dict, repo_id: str) -> str:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         r = ratio(ppl["after"], ppl["before"]) if ppl.get("before") and ppl.get("after") else "—"
         lines.append(f"| perplexity | {fmt(ppl.get('before'))} | {fmt(ppl.get('after'))} | {r} |")
-        lines += ["", f"Perplexity measured on {ppl.get('data')}, seqlen {ppl.get('seqlen')}, {ppl.get('windows')} "
-                      f"windows, {ppl.get('tokens_scored') or 0:,} scored tokens."]
-    cal = report.get("calibration") or {}
-    if cal:
-        lines += ["", f"Calibration: {cal.get('source')}, {cal.get('nsamples')} × {cal.get('seqlen')} tokens, "
-                      f"seed {cal.get('seed')}."]
+    lines += data_lines(report)
     lines += [
         "", "## How to load", "",
         "The compressed linears are lrc modules; importing `compressor` (`pip install lrc`) registers them with "

@@ -97,6 +97,20 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def data_lines(report: dict) -> list[str]:
+    """The paragraphs saying which text was scored and which calibrated (report.md and the model card)."""
+    lines = []
+    ppl = report.get("perplexity") or {}
+    if ppl.get("before") is not None or ppl.get("after") is not None:
+        lines += ["", f"Perplexity: {ppl.get('data')}, seqlen {ppl.get('seqlen')}, {ppl.get('windows')} windows, "
+                      f"{ppl.get('tokens_scored') or 0:,} scored tokens."]
+    cal = report.get("calibration") or {}
+    if cal:
+        lines += ["", f"Calibration: {cal.get('source')}, {cal.get('nsamples')} × {cal.get('seqlen')} tokens, "
+                      f"seed {cal.get('seed')}."]
+    return lines
+
+
 def render_markdown(report: dict, plots=()) -> str:
     """report.md. `plots`: PNG paths relative to the report's folder (e.g. `plots/rank.png`, from
     compressor.plots.write_plots); each is embedded as an image, in the given order; none: no images."""
@@ -120,12 +134,7 @@ def render_markdown(report: dict, plots=()) -> str:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| perplexity | {fmt(ppl['before'])} | {fmt(ppl['after'])} | "
                      f"{(ppl['after'] / ppl['before']) if ppl['before'] and ppl['after'] else float('nan'):.3f} |")
-        lines += ["", f"Perplexity: {ppl['data']}, seqlen {ppl['seqlen']}, {ppl['windows']} windows, "
-                      f"{ppl['tokens_scored']:,} scored tokens."]
-    cal = report.get("calibration") or {}
-    if cal:
-        lines += ["", f"Calibration: {cal.get('source')}, {cal.get('nsamples')} × {cal.get('seqlen')} tokens, "
-                      f"seed {cal.get('seed')}."]
+    lines += data_lines(report)
     lines += [
         "",
         f"Targets: {t['targets']} ({t['compressed']} compressed, {t['skipped']} kept dense). "

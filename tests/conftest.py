@@ -56,3 +56,13 @@ def calib_ids():
         return torch.randint(0, TINY_SIZES["vocab_size"], (nsamples, seqlen), generator=generator)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices in loops: with 2 threads on a busy 2-core machine, OpenMP contention makes a 64x64 SVD
+    ~100x slower. Modules of tiny-model tests opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,12 +24,7 @@ from conftest import TINY_SIZES
 EVAL_IDS = torch.randint(0, TINY_SIZES["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(123))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(method, W, stats, rank, **options):

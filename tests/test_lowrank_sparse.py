@@ -21,13 +21,7 @@ from compressor.stats import Stats
 LS = registry.get("lowrank-sparse")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny SVDs in a loop: on a loaded machine, multi-threaded LAPACK is ~100x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n, tokens, seed=0):

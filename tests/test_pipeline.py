@@ -36,13 +36,7 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
               "_backward_hooks", "_backward_pre_hooks")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: with 2 threads on a busy 2-core machine, OpenMP contention makes a 64x64 SVD ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def names(locals_=LINEARS, layers=range(LAYERS)) -> list[str]:
