@@ -133,8 +133,9 @@ class CalibrationStatistics:
     targets: tuple[tuple[str, ...], ...]
 
 
-def calibration_data(tokenizer, recipe: Recipe, calib: str | None = None) -> tuple[torch.Tensor, dict]:
-    texts, description = load_texts(calib, split_default="train")
+def calibration_data(tokenizer, recipe: Recipe, calib: str | None = None, *, loaded_texts=None):
+    """(token windows nsamples × seqlen, description). `loaded_texts`: a `load_texts` result already in hand."""
+    texts, description = loaded_texts or load_texts(calib, split_default="train")
     c = recipe.calibration
     batches = calibration_batch(tokenizer, texts, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed)
     return batches, {"source": description, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}

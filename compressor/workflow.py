@@ -105,8 +105,7 @@ def compress_checkpoint(
         t0 = time.perf_counter()
         ppl_before = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "before")
         timings["eval_before"] = time.perf_counter() - t0
-    batches, calib_info = api.calibration_data(tok, recipe, calib)
-    calib_info["source"] = calib_texts[1]
+    batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
     n_layers = len(find_decoder_layers(model)[1])
     with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
         result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=loaded.storage_dtype,
