@@ -231,16 +231,20 @@ def compress(
     allocated = None
     fisher = None
 
-    def on_layer(index, collector):
+    def decompose_layer(index, groups, stats):
         t0 = time.perf_counter()
+        if layer_targets[index]:
+            reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
+        timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
+
+    def on_layer(index, collector):
         missing = [n for n in layer_targets[index] if n not in collector.owner]
         if missing:
             raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
         groups, stats = collector.groups(), collector.stats
         if fisher is not None:
             groups, stats = _per_module_fisher(groups, stats, fisher)
-        reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
-        timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
+        decompose_layer(index, groups, stats)
 
     if statistics is not None and recipe.sequential.inputs != "dense":
         raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
@@ -268,10 +272,7 @@ def compress(
         if tuple(tuple(t) for t in layer_targets) != statistics.targets:
             raise ValueError("statistics were collected for other targets than this recipe's")
         for index, (groups, stats) in enumerate(statistics.layers):
-            t0 = time.perf_counter()
-            if layer_targets[index]:
-                reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
-            timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
+            decompose_layer(index, groups, stats)
             if progress is not None:
                 progress(index)
     else:
