@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_quality.py                       # the shipped demo model (a few minutes)
     .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40
+    .venv/bin/python scripts/bench_quality.py --update-readme       # also write README.md's results block
 
 Every row compresses a fresh copy of the dense model with a built-in recipe (plus overrides) and scores it on
 the bundled test split with the papers' protocol. Budgets are "% of targeted parameters removed". All rows use
@@ -26,6 +27,9 @@ from compressor import api
 from compressor.recipe import load_recipe
 from compressor.report import count_parameters
 from compressor.resources import demo_model_dir
+
+# scripts/ is sys.path[0] when this file runs as a script: the table's formatting lives in update_readme.py only.
+from update_readme import result_cells, setup_line, update_results
 
 # (label, recipe, overrides): removed budgets 20% and 40% for every low-rank method, plus the quantized rows.
 ROWS = [
@@ -56,7 +60,11 @@ def main():
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--only", nargs="*", help="labels (substrings) of the rows to run")
     parser.add_argument("--json", type=Path, default=Path("bench-results/quality.json"))
+    parser.add_argument("--update-readme", action="store_true",
+                        help="write README.md's results block from this run (scripts/update_readme.py)")
     args = parser.parse_args()
+    if args.update_readme and args.only:
+        parser.error("--update-readme writes README's whole table: run every row (drop --only)")
 
     console = Console()
     loaded = api.load_model(args.model)
@@ -64,10 +72,6 @@ def main():
     evaluate = lambda m: api.evaluate(m, loaded.tokenizer, seqlen=args.eval_seqlen,  # noqa: E731
                                       max_windows=args.max_windows)
     dense = evaluate(loaded.model)
-    table = Table(title=f"{args.model}: perplexity on {dense.data} ({dense.windows} × {dense.seqlen} tokens)")
-    for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "seconds"):
-        table.add_column(col, justify="left" if col.startswith("method") else "right")
-    table.add_row("dense", "100%", f"{dense.ppl:.3f}", "", "")
     rows = [{"label": "dense", "ppl": dense.ppl}]
     for label, recipe, overrides in ROWS:
         if args.only and not any(o in label for o in args.only):
@@ -78,16 +82,29 @@ def main():
                               storage_dtype=loaded.storage_dtype)
         ppl = evaluate(model).ppl
         kept = sum(m.params_after for m in result.modules) / sum(m.params_before for m in result.modules)
-        seconds = time.perf_counter() - start
-        table.add_row(label, f"{kept:.1%}", f"{ppl:.3f}", f"{ppl - dense.ppl:+.3f}", f"{seconds:.1f}")
         rows.append({"label": label, "recipe": recipe, "overrides": overrides, "ppl": ppl, "kept": kept,
-                     "seconds": seconds})
+                     "seconds": time.perf_counter() - start})
         del model
-    table.caption = (f"calibration {args.nsamples}×{args.seqlen} tokens (bundled train split); "
-                     f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {date.today()}")
+    data = {
+        "model": args.model, "date": str(date.today()),
+        "eval": {"data": dense.data, "windows": dense.windows, "seqlen": dense.seqlen},
+        "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "source": "bundled train split"},
+        "platform": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "rows": rows,
+    }
+
+    table = Table(title="perplexity by method and budget", caption=setup_line(data))
+    for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "seconds"):
+        table.add_column(col, justify="left" if col.startswith("method") else "right")
+    for row in rows:
+        seconds = f"{row['seconds']:.1f}" if "seconds" in row else ""
+        table.add_row(row["label"], *result_cells(row, dense.ppl), seconds)
     console.print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": args.model, "date": str(date.today()), "rows": rows}, indent=1))
+    args.json.write_text(json.dumps(data, indent=1))
+    if args.update_readme:
+        update_results(data)
+        console.print("wrote README.md's results block")
 
 
 if __name__ == "__main__":
