@@ -1,0 +1,252 @@
+"""Export a quantized lrc output (rtn / gptq / eora recipes) as a standard quantized base plus a PEFT LoRA adapter.
+
+    from compressor.export_adapter import export_quantized_with_adapter
+    export_quantized_with_adapter("out/", "exported/")        # or: lrc export out/ --quantized-adapter -o exported/
+
+    base = AutoModelForCausalLM.from_pretrained("exported/base")        # needs `compressed-tensors`, not lrc
+    model = PeftModel.from_pretrained(base, "exported/adapter")         # needs `peft`; = lrc's model
+
+Layout of the destination:
+  base/      a compressed-tensors checkpoint, format `pack-quantized`, written by the `compressed-tensors` library
+             (the format llm-compressor writes and transformers' CompressedTensorsHfQuantizer reads). Every
+             QuantLinear becomes an nn.Linear stored as `weight_packed` (int32, b-bit codes packed densely along the
+             input dimension), `weight_scale` (out, groups) in the model dtype, `weight_shape`, and, for asymmetric
+             modules, `weight_zero_point` (packed along the output dimension); its bias stays as is. config.json's
+             `quantization_config` (quant_method "compressed-tensors") holds one config group per distinct (bits,
+             strategy, group_size, symmetric): `targets: ["Linear"]` with every other nn.Linear (e.g. a dense
+             lm_head) in `ignore` when there is one group, exact module names otherwise; plus `dequantize: true`
+             (see `_dequantize_on_load`: transformers unpacks the weights to the model dtype at load time — the
+             file is b-bit, the loaded model is dense). Everything else (embeddings, norms, modules lrc left dense)
+             is copied dense. Tokenizer files are copied here.
+  adapter/   the EoRA residuals as a PEFT LoRA adapter: adapter_config.json (peft_type LORA, target_modules = the
+             full names of the modules with a residual, r = lora_alpha so the scaling alpha/r is exactly 1,
+             rank_pattern/alpha_pattern for modules whose rank differs, lora_dropout 0, base_model_name_or_path =
+             the absolute path of base/) and adapter_model.safetensors (`base_model.model.<name>.lora_A.weight`
+             (r, in) and `.lora_B.weight` (out, r), in the checkpoint dtype). Absent when no module has a residual
+             (rtn / gptq outputs): the base alone is then the whole model.
+
+Convention mapping (read from compressed_tensors.quantization.lifecycle.forward and pack_quantized/helpers.py):
+lrc stores unsigned codes q and zero points z in [0, 2^b − 1] with w = (q − z)·s; compressed-tensors quantizes to
+signed codes q' in [−2^(b−1), 2^(b−1) − 1] with w = (q' − z')·s (its packer adds 2^(b−1) back). So
+z' = z − 2^(b−1), q' = q − 2^(b−1) and q' − z' = q − z: the same weights. The library computes q' itself, by
+quantizing the dequantized fp32 weight (q − z)·s with the same s and z' — exact, since (q − z)·s with
+|q − z| < 2^8 and an fp16 s is exactly representable in fp32. A module whose zeros all equal 2^(b−1) (lrc's
+symmetric) becomes symmetric (z' = 0, no zero point stored). A module with one group per row (group_size ≥
+in_features) becomes per-channel; otherwise the group size must divide in_features (compressed-tensors has no
+ragged last group): refused if not.
+
+Exactness (tests/test_export_adapter.py for fp32; bf16 and fp16 measured by hand on the same tiny model): the
+loaded base's weights equal lrc's `dequantized_weight()` cast to the model dtype (what QuantLinear.forward
+uses) bit for bit. fp32 and fp16 always: an fp16 scale is exact in both, and (q − z)·s is rounded to the model
+dtype once on both sides. bf16: compressed-tensors keeps the scales in the weight dtype, so an fp16 scale that
+bf16 cannot represent would be rounded (≤ 2^-9 relative); lrc's bf16 checkpoints hold bf16-representable scales
+today (QuantLinear._apply round-trips them through bf16 when the model is cast), so they export exactly too.
+PEFT adds lora_B(lora_A x)·1.0 after the base linear, as QuantLinear.forward does: fp32 logits are identical
+(max |Δ| = 0.0). On a half-precision model PEFT's default `autocast_adapter_dtype=True` runs the adapter in fp32,
+which moves the logits by about one half-precision ulp (3.9e-3 bf16, 4.9e-4 fp16 on logits of ~0.6); with
+`PeftModel.from_pretrained(..., autocast_adapter_dtype=False)` they are identical again.
+
+The write is atomic, like compressor.export: a hidden temporary directory next to the destination, renamed into
+place when complete, removed on any error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import quant
+from compressor.errors import UserError
+from compressor.export import TOKENIZER_FILES
+from compressor.io import (CONFIG_NAME, _apply_umask, _check_destination, _move_into_place, load_compressed,
+                           read_quantization_config)
+from compressor.modules import QuantLinear
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class AdapterExport:
+    """What `export_quantized_with_adapter` wrote."""
+
+    path: Path
+    base: Path
+    adapter: Path | None  # None: no module had an EoRA residual, the base is the whole model
+    quantized: int  # QuantLinear modules written packed
+    residuals: int  # of which with a LoRA residual in the adapter
+
+
+def _refuse_unless_quantized(src: Path) -> None:
+    qc = read_quantization_config(src)  # UserError when src is not an lrc checkpoint
+    kinds = sorted({spec.get("kind") for spec in qc["modules"].values()})
+    if not qc["modules"] or kinds != ["quant"]:
+        raise UserError(f"--quantized-adapter needs a quantized lrc output (rtn, gptq or eora recipes); {src} was "
+                        f"made with method {qc.get('method')!r} ({', '.join(map(str, kinds)) or 'no'} modules): "
+                        "use --dense")
+
+
+def _check_export_destination(dst: Path, overwrite: bool) -> None:
+    """Like io._check_destination, but a previous export (base/config.json inside) may be overwritten too."""
+    if overwrite and dst.is_dir() and not dst.is_symlink() and (dst / "base" / CONFIG_NAME).is_file():
+        return
+    _check_destination(dst, overwrite)
+
+
+def _weight_args(module: QuantLinear, name: str) -> tuple[dict, torch.Tensor]:
+    """compressed-tensors QuantizationArgs (as a dict) and the signed int8 zero points (out, groups)."""
+    groups = module.scales.shape[1]
+    offset = 2 ** (module.bits - 1)
+    zero = quant.unpack(module.qzeros, module.bits, groups) - offset  # lrc unsigned -> compressed-tensors signed
+    args = {"num_bits": module.bits, "type": "int", "symmetric": bool((zero == 0).all())}
+    if groups == 1:
+        args["strategy"] = "channel"
+    elif module.in_features % module.group_size == 0:
+        args.update(strategy="group", group_size=module.group_size)
+    else:
+        raise UserError(f"module {name}: in_features {module.in_features} is not a multiple of group_size "
+                        f"{module.group_size}; compressed-tensors has no ragged last group (use --dense)")
+    return args, zero.to(torch.int8)
+
+
+@torch.no_grad()
+def _pack_module(module: QuantLinear, args: dict, zero: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear holding `module`'s codes packed by compressed-tensors (`weight_packed`, `weight_scale`, ...)."""
+    from compressed_tensors.compressors import compress_module
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle import initialize_module_for_quantization
+
+    device = module.scales.device
+    # fp32 while compressing: (q − z)·s is exact there, so the library's quantize() recovers exactly q.
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=torch.float32,
+                       device=device)
+    linear.weight.copy_(module.dequantized_weight())
+    if module.bias is not None:
+        linear.bias.copy_(module.bias.float())
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args), format="pack-quantized")
+    initialize_module_for_quantization(linear, scheme)
+    linear.weight_scale.copy_(module.scales.float())
+    linear.weight_zero_point.copy_(zero)
+    compress_module(linear, "pack-quantized")
+    return linear.to(dtype)  # scales and bias to the model dtype; the int tensors are untouched
+
+
+def _config_groups(schemes: dict[str, dict], linears: list[str]):
+    """compressed-tensors QuantizationConfig: one group per distinct weight scheme."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    by_args: dict[tuple, list[str]] = {}
+    for name, args in schemes.items():
+        by_args.setdefault(tuple(sorted(args.items())), []).append(name)
+    if len(by_args) == 1:  # the usual llm-compressor form
+        (args, _), = by_args.items()
+        groups = {"group_0": {"targets": ["Linear"], "weights": dict(args)}}
+        ignore = [name for name in linears if name not in schemes]
+    else:
+        groups = {f"group_{i}": {"targets": sorted(names), "weights": dict(args)}
+                  for i, (args, names) in enumerate(sorted(by_args.items()))}
+        ignore = []
+    for group in groups.values():
+        group["format"] = "pack-quantized"
+    return QuantizationConfig(config_groups=groups, format="pack-quantized", ignore=ignore,
+                              quantization_status=QuantizationStatus.COMPRESSED)
+
+
+def _dequantize_on_load(config_file: Path) -> None:
+    """Set `dequantize: true` in the compressed-tensors config: transformers then unpacks the weights at load time
+    (CompressedTensorsConfig's documented loading option, read from config.json by its from_dict). Without it the
+    quantized linears stay weight-less (`weight_packed` ...) until their first forward, and PEFT cannot wrap an
+    nn.Linear that has no `weight`; and transformers 5.23 with compressed-tensors 0.20.0 cannot load asymmetric
+    pack-quantized modules that way at all (the library's meta-device compress does not pack the zero points, so
+    their shape mismatches the checkpoint's)."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["quantization_config"]["dequantize"] = True
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _adapter_config(ranks: dict[str, int], base_path: Path):
+    from peft import LoraConfig
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    # Pattern keys are regexes matched against the end of a module name: escape the dots of the full name.
+    pattern = {name.replace(".", r"\."): rank for name, rank in sorted(ranks.items()) if rank != r}
+    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern, alpha_pattern=pattern,
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", inference_mode=True,
+                      base_model_name_or_path=str(base_path))
+
+
+def _write_adapter(folder: Path, lora: dict[str, torch.Tensor], ranks: dict[str, int], base_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    _adapter_config(ranks, base_path).save_pretrained(folder)
+    save_file(lora, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+def _detach_lrc_quantizer(model: nn.Module) -> None:
+    """The model no longer holds lrc modules: save_pretrained must not write lrc's quantization_config."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def export_quantized_with_adapter(src, dst, *, overwrite: bool = False,
+                                  max_shard_size: int | str = "2GB") -> AdapterExport:
+    """Write `dst/base/` (compressed-tensors, pack-quantized) and `dst/adapter/` (PEFT LoRA: the EoRA residuals)
+    from the quantized lrc output `src`. UserError for a non-quantized output or an unusable destination."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise UserError(f"export destination is the source checkpoint itself: {dst}")
+    _check_export_destination(dst, overwrite)
+    _refuse_unless_quantized(src)
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        import peft  # noqa: F401  (checked up front: fail before any work, not half way)
+    except ImportError as e:
+        raise UserError(f"--quantized-adapter needs the optional packages peft and compressed-tensors "
+                        f"(pip install 'lrc[export]'): {e}") from None
+
+    model = load_compressed(src)
+    dtype = model.dtype
+    schemes, ranks, lora = {}, {}, {}
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        args, zero = _weight_args(module, name)
+        schemes[name] = args
+        if module.rank:
+            ranks[name] = module.rank
+            for part in ("lora_A", "lora_B"):
+                lora[f"base_model.model.{name}.{part}.weight"] = getattr(module, part).weight.detach().contiguous()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, _pack_module(module, args, zero, dtype))
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    compressor = ModelCompressor(quantization_config=_config_groups(schemes, linears))
+    _detach_lrc_quantizer(model)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        (tmp / "base").mkdir()
+        model.save_pretrained(tmp / "base", max_shard_size=max_shard_size)
+        compressor.update_config(tmp / "base")  # the library writes its own quantization_config
+        _dequantize_on_load(tmp / "base" / CONFIG_NAME)
+        for file in TOKENIZER_FILES:
+            if (src / file).is_file():
+                shutil.copyfile(src / file, tmp / "base" / file)
+        if ranks:
+            _write_adapter(tmp / "adapter", lora, ranks, dst.resolve() / "base")
+        _apply_umask(tmp)
+        _move_into_place(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return AdapterExport(path=dst, base=dst / "base", adapter=dst / "adapter" if ranks else None,
+                         quantized=len(schemes), residuals=len(ranks))
