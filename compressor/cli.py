@@ -195,17 +195,31 @@ def report(out):
 
 @app.command()
 @click.argument("out", type=click.Path())
-@click.option("--dense", is_flag=True, help="export a plain dense checkpoint (the only format so far)")
+@click.option("--dense", is_flag=True, help="export a plain dense checkpoint")
+@click.option("--quantized-adapter", is_flag=True,
+              help="quantized outputs (rtn, gptq, eora): a compressed-tensors base in OUTPUT/base plus the EoRA "
+                   "residuals as a PEFT LoRA adapter in OUTPUT/adapter (needs pip install 'lrc[export]')")
 @click.option("--output", "-o", required=True, type=click.Path(), help="destination directory (must not exist)")
 @click.option("--overwrite", is_flag=True, help="replace an existing destination checkpoint")
-def export(out, dense, output, overwrite):
-    """Export the lrc checkpoint OUT as a dense transformers checkpoint that loads without lrc."""
-    from compressor.export import export_dense
+def export(out, dense, quantized_adapter, output, overwrite):
+    """Export the lrc checkpoint OUT in a standard format that loads without lrc."""
+    if dense == quantized_adapter:
+        raise UserError("pass --dense (a plain dense checkpoint) or --quantized-adapter (a compressed-tensors base "
+                        "plus a PEFT LoRA adapter), exactly one")
+    if dense:
+        from compressor.export import export_dense
 
-    if not dense:
-        raise UserError("pass --dense: a dense checkpoint is the only export format")
-    path, count = export_dense(out, output, overwrite=overwrite)
-    click.echo(f"wrote {path}/ ({count} compressed modules made dense; loads without lrc)")
+        path, count = export_dense(out, output, overwrite=overwrite)
+        click.echo(f"wrote {path}/ ({count} compressed modules made dense; loads without lrc)")
+        return
+    from compressor.export_adapter import export_quantized_with_adapter
+
+    done = export_quantized_with_adapter(out, output, overwrite=overwrite)
+    base = f"wrote {done.base}/ ({done.quantized} quantized modules, compressed-tensors pack-quantized)"
+    if done.adapter is None:
+        click.echo(f"{base}; no EoRA residual in {out}, so no adapter: the base is the whole model")
+    else:
+        click.echo(f"{base} and {done.adapter}/ (PEFT LoRA, {done.residuals} EoRA residuals); loads without lrc")
 
 
 def main():
