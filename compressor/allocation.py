@@ -36,6 +36,7 @@ def allocate_ranks(recipe, method, options, layer_targets, statistics) -> dict[s
                 W = targets[name].weight.detach().to(torch.float32)[None]
                 spectra[name] = method.spectrum(W, stats[owner], options)[0].cpu()
                 shapes[name] = tuple(W.shape[1:])
+            stats[owner].release_derived()
     opts = recipe.allocation_options
     if recipe.allocation == "energy":
         ranks = allocate_energy(spectra, shapes, opts.energy)

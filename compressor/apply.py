@@ -103,4 +103,5 @@ def compress_layer(
                 reports.append(ModuleReport(name, (m, n), True, factors.spec(), before, after, rel_w, rel_out, clamps,
                                             seconds, predicted_rel_output_error=predicted))
                 set_submodule(model, name, module)
+        stats[owner].release_derived()
     return reports

@@ -34,10 +34,57 @@ def whitening(gram: torch.Tensor, eig_floor: float = DEFAULT_EIG_FLOOR) -> White
     return Whitening(S=Q * root, inverse=Q.T / root[:, None], clamped=clamped)
 
 
-def truncated_svd(M: torch.Tensor, rank: int):
-    """Top-`rank` SVD of M[..., m, n] in fp32 or fp64 (as given). Returns U_r, s_r, Vh_r and the full spectrum."""
-    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[..., :, :rank], s[..., :rank], Vh[..., :rank, :], s
+SVD_SOLVERS = ("gram", "full", "randomized")
+
+
+def truncated_svd(M: torch.Tensor, rank: int, solver: str = "gram", *, oversample: int = 16, power_iters: int = 2):
+    """Top-`rank` SVD of M[..., m, n]: (U_r, s_r, Vh_r), batched over leading dimensions.
+
+    solver:
+      "gram"       eigh of the smaller Gram M Mᵀ (or Mᵀ M) in fp64, the other factor by one product. Squaring
+                   loses accuracy only for σ below ~1e-8·σ_max, which truncation throws away; 2-3× faster than
+                   an SVD on CPUs, and GPUs' batched eigh beats their SVD by more.
+      "full"       torch.linalg.svd in M's dtype (LAPACK gesdd / cuSOLVER).
+      "randomized" Halko–Martinsson–Tropp range finder with `oversample` extra columns and `power_iters`
+                   QR-stabilised power iterations, fp64; approximate (scripts/bench_svd.py measures how much), pays
+                   off when rank ≪ min(m, n).
+    """
+    if solver == "full":
+        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[..., :, :rank], s[..., :rank], Vh[..., :rank, :]
+    if solver == "gram":
+        return _gram_svd(M.to(torch.float64), rank)
+    if solver == "randomized":
+        return _randomized_svd(M.to(torch.float64), rank, oversample, power_iters)
+    raise ValueError(f"unknown svd solver {solver!r}; use one of {', '.join(SVD_SOLVERS)}")
+
+
+def _gram_svd(M: torch.Tensor, rank: int):
+    wide = M.shape[-2] <= M.shape[-1]
+    G = M @ M.mT if wide else M.mT @ M
+    eigvals, Q = torch.linalg.eigh(0.5 * (G + G.mT))
+    Q = Q[..., :, -rank:].flip(-1)  # eigh sorts ascending
+    s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
+    # Components with σ ≈ 0 carry nothing (B = U√σ ≈ 0): give them zero partners instead of dividing by zero.
+    tiny = s[..., :1] * 1e-12 + torch.finfo(torch.float64).tiny
+    inv = torch.where(s > tiny, 1.0 / s.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    if wide:
+        return Q, s, (M.mT @ Q * inv[..., None, :]).mT  # Vᵀ = Σ⁻¹ Uᵀ M
+    return M @ Q * inv[..., None, :], s, Q.mT  # U = M V Σ⁻¹
+
+
+def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: int):
+    m, n = M.shape[-2:]
+    k = min(rank + oversample, m, n)
+    # One seeded test matrix shared by the batch: reproducible, and a batched call equals the per-matrix loop.
+    generator = torch.Generator(device=M.device).manual_seed(0)
+    omega = torch.randn(n, k, dtype=M.dtype, device=M.device, generator=generator)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(M.mT @ Q).Q
+        Q = torch.linalg.qr(M @ Q).Q
+    U, s, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    return (Q @ U)[..., :, :rank], s[..., :rank], Vh[..., :rank, :]
 
 
 def split_factors(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor):

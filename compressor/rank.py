@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+SVDSolver = Literal["gram", "full", "randomized"]  # see compressor.linalg.truncated_svd
 
 
 class RankOptions(BaseModel):
@@ -24,6 +27,7 @@ class RankOptions(BaseModel):
     param_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="fraction of each target's parameters to keep (0.8 = 20% removed)"
     )
+    svd_solver: SVDSolver = Field("gram", description="gram (eigh of the smaller Gram, fp64), full, or randomized")
 
     @model_validator(mode="after")
     def _exactly_one(self):

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compressor.linalg import DEFAULT_EIG_FLOOR, Whitening, whitening
+
+# Token rows per Gram product: each chunk's XᵀX is formed in fp32 (half the cost of fp64 on CPUs, tensor cores on
+# GPUs; an fp32 sum of ≤ 4096 products has relative error ~1e-6 of the diagonal), then added to the fp64 total,
+# so rounding does not grow with the number of calibration tokens.
+GRAM_CHUNK = 4096
+
 
 @dataclass
 class Stats:
@@ -26,9 +33,21 @@ class Stats:
     fisher: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
 
+    _whitening: dict = field(default_factory=dict, repr=False, compare=False)
+
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
+
+    def whitening(self, eig_floor: float = DEFAULT_EIG_FLOOR) -> Whitening:
+        """eigh-based whitening of the Gram, computed once per shared input (q/k/v, gate/up ask for the same)."""
+        if eig_floor not in self._whitening:
+            self._whitening[eig_floor] = whitening(self.gram, eig_floor)
+        return self._whitening[eig_floor]
+
+    def release_derived(self) -> None:
+        """Drop cached whitenings (n×n fp64 each) once the input's readers are decomposed."""
+        self._whitening.clear()
 
 
 @dataclass
@@ -64,13 +83,16 @@ class StatsCollector:
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor):
         s = self.stats.setdefault(name, Stats())
-        x64 = x.to(torch.float64)
         s.count += x.shape[0]
+        n = x.shape[-1]
         if "gram" in self.needs:
-            g = x64.T @ x64
-            s.gram = g if s.gram is None else s.gram.add_(g)
+            if s.gram is None:
+                s.gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            for chunk in x.split(GRAM_CHUNK):
+                c = chunk.float()
+                s.gram.add_(c.T @ c)
         if "abs_mean" in self.needs:
-            a = x64.abs().sum(0)
+            a = x.to(torch.float64).abs().sum(0)
             s.abs_sum = a if s.abs_sum is None else s.abs_sum.add_(a)
 
     def for_module(self, name: str) -> Stats:

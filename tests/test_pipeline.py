@@ -36,6 +36,13 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
               "_backward_hooks", "_backward_pre_hooks")
 
 
+def assert_gram_close(actual, expected):
+    """Grams are fp32 products of chunks summed in fp64 (stats.GRAM_CHUNK): equal to single precision, measured
+    against the diagonal scale √(G_ii G_jj) (entries near zero have no meaningful relative error)."""
+    d = expected.diagonal().clamp(min=0).sqrt()
+    assert ((actual - expected).abs() <= 1e-5 * d[:, None] * d[None, :] + 1e-12).all()
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -284,7 +291,8 @@ def test_shared_inputs_share_one_gram_and_nothing_else_does(tiny_model, calib_id
             assert torch.equal(torch.cat(store[reader]), X)
         s = collector.stats[owner]
         assert s.count == X.shape[0] == ids.numel()
-        torch.testing.assert_close(s.gram, X.T @ X, rtol=1e-10, atol=1e-12)
+        # fp32 products per chunk, fp64 sum (stats.GRAM_CHUNK): single-precision agreement
+        assert_gram_close(s.gram, X.T @ X)
         torch.testing.assert_close(s.abs_sum, X.abs().sum(0), rtol=1e-10, atol=1e-12)
     # The three 64-wide inputs are different data, and their Grams say so.
     for a, b in ((q, gate), (q, o), (o, gate)):
@@ -312,7 +320,7 @@ def test_collect_statistics_groups_every_layer_and_leaves_the_model_alone(tiny_m
         reference = _layer_input_grams(dense, ids, i)
         for owner, gram in reference.items():
             assert by_owner[owner].count == ids.numel()
-            torch.testing.assert_close(by_owner[owner].gram, gram, rtol=1e-5, atol=1e-8)
+            assert_gram_close(by_owner[owner].gram, gram)
         assert rel(by_owner[q].gram, by_owner[gate].gram) > 0.1
 
 
@@ -432,8 +440,8 @@ def test_sequential_inputs_dense_vs_compressed(tiny_model, calib_ids, monkeypatc
     hybrid.model.layers[0] = models["compressed"].model.layers[0]
     expect = {"dense": _layer_input_grams(dense_model, ids, 1), "compressed": _layer_input_grams(hybrid, ids, 1)}
     for owner in layer1:
-        torch.testing.assert_close(seen["dense"][owner], expect["dense"][owner], rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(seen["compressed"][owner], expect["compressed"][owner], rtol=1e-5, atol=1e-8)
+        assert_gram_close(seen["dense"][owner], expect["dense"][owner])
+        assert_gram_close(seen["compressed"][owner], expect["compressed"][owner])
         # Measured relative difference between the two: 3.3e-3 (q, gate) to 2.3e-2 (o_proj).
         assert rel(seen["compressed"][owner], seen["dense"][owner]) > 1e-3, owner
 

@@ -50,7 +50,7 @@ def spectrum(W: torch.Tensor, stats, options: ASVDOptions) -> torch.Tensor:
 def decompose(W: torch.Tensor, stats, options: ASVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n) same-shape weights sharing one input (so one set of channel scales)."""
     s = channel_scales(stats.abs_mean, options.alpha).to(device=W.device, dtype=torch.float32)
-    U, sv, Vh, _ = truncated_svd(W.to(torch.float32) * s, rank)
+    U, sv, Vh = truncated_svd(W.to(torch.float32) * s, rank, options.svd_solver)
     B, A = split_factors(U, sv, Vh)
     A = A / s
-    return Decomposition([LowRank(A=a, B=b) for a, b in zip(A, B)])
+    return Decomposition([LowRank(A=a.float(), B=b.float()) for a, b in zip(A, B)])

@@ -18,9 +18,10 @@ import torch
 from pydantic import Field, model_validator
 
 from compressor.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd, whitening
+from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.methods.rtn import rtn_quantize
+from compressor.rank import SVDSolver
 from compressor.registry import register
 
 # Quantized bases: (w (m, n), options, stats) -> Quantized.
@@ -33,6 +34,7 @@ class EoRAOptions(GPTQOptions):
     base: BaseName = "rtn"
     rank: int = Field(64, gt=0, description="rank of the residual path (capped at min(m, n))")
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
+    svd_solver: SVDSolver = Field("gram", description="gram (eigh of the smaller Gram, fp64), full, or randomized")
 
     @model_validator(mode="after")
     def _base_options(self):
@@ -44,13 +46,13 @@ class EoRAOptions(GPTQOptions):
 
 @register("eora", needs=("gram",), options=EoRAOptions, factorizes=False, summary="quantized base + whitened low-rank residual")
 def decompose(W: torch.Tensor, stats, options: EoRAOptions, rank=None) -> Decomposition:
-    white = whitening(stats.gram, options.eig_floor)
+    white = stats.whitening(options.eig_floor)
     rank = min(options.rank, W.shape[-2], W.shape[-1])
     out = []
     for w in W:
         base = BASES[options.base](w, options, stats)
         delta = w.to(torch.float64) - base.dequantized().to(torch.float64)
-        U, s, Vh, _ = truncated_svd(delta @ white.S, rank)
+        U, s, Vh = truncated_svd(delta @ white.S, rank, options.svd_solver)
         B, A = split_factors(U, s, Vh)
         base.residual = LowRank(A=(A @ white.inverse).float(), B=B.float())
         out.append(base)

@@ -75,7 +75,7 @@ def spectrum(W: torch.Tensor, stats, options: FWSVDOptions) -> torch.Tensor:
 def decompose(W: torch.Tensor, stats, options: FWSVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n). ‖diag(d)(W − BA)‖_F (axis out) or ‖(W − BA)diag(d)‖_F (axis in) = √(Σ_{i>r} σᵢ²)."""
     d, clamped = weights(W, stats, options)
-    U, s, Vh, _ = truncated_svd(_weighted(W, d, options.axis), rank)
+    U, s, Vh = truncated_svd(_weighted(W, d, options.axis), rank, options.svd_solver)
     B, A = split_factors(U, s, Vh)
     if options.axis == "out":
         B = B / d[..., :, None]

@@ -22,6 +22,6 @@ def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
           spectrum=spectrum)
 def decompose(W: torch.Tensor, stats, options: SVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n) same-shape weights. Error ‖W − BA‖_F = √(Σ_{i>r} σᵢ²)."""
-    U, s, Vh, _ = truncated_svd(W.to(torch.float32), rank)
+    U, s, Vh = truncated_svd(W.to(torch.float32), rank, options.svd_solver)
     B, A = split_factors(U, s, Vh)
-    return Decomposition([LowRank(A=a, B=b) for a, b in zip(A, B)])
+    return Decomposition([LowRank(A=a.float(), B=b.float()) for a, b in zip(A, B)])

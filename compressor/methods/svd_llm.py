@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from compressor.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd, whitening
+from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd
 from compressor.rank import RankOptions
 from compressor.registry import register
 
@@ -22,15 +22,15 @@ class SVDLLMOptions(RankOptions):
 
 def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
     """Singular values of W·S: the tail's squares are the output error on the calibration inputs."""
-    return torch.linalg.svdvals(W.to(torch.float64) @ whitening(stats.gram, options.eig_floor).S)
+    return torch.linalg.svdvals(W.to(torch.float64) @ stats.whitening(options.eig_floor).S)
 
 
 @register("svd-llm", needs=("gram",), options=SVDLLMOptions, factorizes=True, summary="whitened truncation-aware SVD",
           spectrum=spectrum)
 def decompose(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int) -> Decomposition:
-    white = whitening(stats.gram, options.eig_floor)
+    white = stats.whitening(options.eig_floor)
     M = W.to(torch.float64) @ white.S
-    U, s, Vh, _ = truncated_svd(M, rank)
+    U, s, Vh = truncated_svd(M, rank, options.svd_solver)
     B, A = split_factors(U, s, Vh)
     A = A @ white.inverse
     return Decomposition(
