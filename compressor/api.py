@@ -101,16 +101,22 @@ class CompressionResult:
     def specs(self) -> dict[str, dict]:
         return {m.name: m.spec for m in self.modules if m.compressed}
 
-    def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md: str = "", overwrite=False,
+    def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md="", overwrite=False,
              extra_files: dict | None = None):
+        """`report_md`: the markdown text, or a function of the report rendering it after the save time is in."""
         from compressor.io import save_compressed
 
         if self.storage_dtype is not None:
             self.model.to(self.storage_dtype)  # exact: compress() rounded the weights through this dtype
+        start = time.perf_counter()
         extra = {"recipe.yaml": self.recipe.to_yaml(), **(extra_files or {})}
         if report is not None:
-            extra["report.json"] = json.dumps(report, indent=2)
-            extra["report.md"] = report_md
+            def report_json():  # called once the weights are written, so the report records the save time
+                report.setdefault("timings_seconds", {})["save"] = round(time.perf_counter() - start, 3)
+                return json.dumps(report, indent=2)
+
+            extra["report.json"] = report_json
+            extra["report.md"] = (lambda: report_md(report)) if callable(report_md) else report_md
         return save_compressed(
             self.model,
             out_dir,
@@ -210,13 +216,15 @@ def compress(
     batch_size: int = 8,
     storage_dtype: torch.dtype | None = None,
     progress=None,
+    layer_io=None,
 ) -> CompressionResult:
     """Compress `model` in place with `recipe` (a Recipe, a built-in name or a YAML path).
 
     Calibration comes from `batches` (token ids, nsamples x seqlen), else from `calib` / the bundled text via
     `tokenizer`. With `statistics` from `collect_statistics` and a recipe whose inputs are "dense", no
     calibration forward pass runs at all. `storage_dtype`: the dtype the checkpoint will be saved in; the
-    compressed weights are rounded through it so that the in-memory model equals what gets saved.
+    compressed weights are rounded through it so that the in-memory model equals what gets saved. `layer_io`:
+    decoder layers loaded lazily from disk (use compressor.streaming.compress_streaming rather than by hand).
     """
     recipe = _as_recipe(recipe)
     method = registry.get(recipe.method)
@@ -246,6 +254,8 @@ def compress(
             groups, stats = _per_module_fisher(groups, stats, fisher)
         decompose_layer(index, groups, stats)
 
+    if layer_io is not None:
+        _check_streamable(recipe, method, statistics)
     if statistics is not None and recipe.sequential.inputs != "dense":
         raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
     if batches is None and statistics is None:
@@ -277,7 +287,7 @@ def compress(
                 progress(index)
     else:
         run_sequential(model, batches, layer_targets, method.needs | REPORT_STATS, on_layer, device=device,
-                       batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress)
+                       batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress, layer_io=layer_io)
         timings["statistics"] = time.perf_counter() - start - sum(timings.values())
     if len(reports) != expected:
         raise RuntimeError(f"failed to compress {expected - len(reports)} of {expected} target modules")
@@ -285,6 +295,18 @@ def compress(
         _round_through(model, storage_dtype)
     timings["compress_total"] = time.perf_counter() - start
     return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype)
+
+
+def _check_streamable(recipe: Recipe, method, statistics) -> None:
+    """What needs more than one decoder layer's weights at a time cannot stream (yet): say so, before any work."""
+    if "fisher" in method.needs:
+        raise UserError(f"method '{method.name}' needs a backward pass through the whole model; it cannot run with "
+                        "--low-memory")
+    if recipe.allocation != "uniform":
+        raise UserError(f"allocation '{recipe.allocation}' needs every layer's spectrum before the first is "
+                        "compressed; it cannot run with --low-memory (use allocation uniform)")
+    if statistics is not None:
+        raise ValueError("precomputed statistics cannot be combined with lazily loaded layers")
 
 
 @torch.no_grad()

@@ -63,9 +63,12 @@ def _device_options(f):
 @click.option("--eval-max-windows", type=int, default=None, help="evaluate on the first N windows only")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--no-plots", is_flag=True, help="do not draw the report's PNG plots (saves a few seconds)")
+@click.option("--low-memory", is_flag=True,
+              help="stream weights from the checkpoint's safetensors one decoder layer at a time and write output "
+                   "shards as layers finish: for models larger than RAM")
 @_device_options
 def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl, eval_data,
-             eval_seqlen, eval_max_windows, overwrite, no_plots, device, dtype, trust_remote_code):
+             eval_seqlen, eval_max_windows, overwrite, no_plots, low_memory, device, dtype, trust_remote_code):
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
     from compressor.workflow import compress_checkpoint
 
@@ -77,7 +80,7 @@ def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, de
     report = compress_checkpoint(
         model, recipe, output, overrides=tuple(overrides) + tuple(extra), calib=calib, evaluate_ppl=evaluate_ppl,
         eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, device=device, dtype=dtype,
-        overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots,
+        overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots, low_memory=low_memory,
     )
     out.print(_summary_table(report))
     out.print(f"wrote {output}/ (report.md, report.json, recipe.yaml, weights)")

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -37,7 +38,7 @@ def save_compressed(
     modules: dict[str, dict] | None = None,
     method: str,
     recipe_name: str,
-    extra_files: dict[str, str | bytes] | None = None,
+    extra_files: dict[str, str | bytes | Callable[[], str | bytes]] | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = "2GB",
 ) -> Path:
@@ -63,7 +64,8 @@ def save_compressed(
         _write_quantization_config(model, tmp / CONFIG_NAME, table, method, recipe_name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in extra_files.items():
+        for name, content in extra_files.items():  # callables last-minute: a report can include the save time
+            content = content() if callable(content) else content
             (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
         _apply_umask(tmp)

@@ -96,23 +96,24 @@ def run_sequential(
     batch_size: int = 8,
     propagate: str = "compressed",
     progress: Callable[[int], None] | None = None,
+    layer_io=None,
 ) -> None:
+    """`layer_io` (see compressor/streaming.py): an object with `load(index, layer)`, called before a layer is
+    used, and `done(index, layer)`, called once the runner no longer needs it — for weights that live on disk
+    until needed (the decoder layers are then on the meta device until loaded)."""
     path, layers = find_decoder_layers(model)
     was_training = model.training
     model.eval()
     # Everything but the decoder layers (embeddings, rotary tables, final norm) goes to the device now.
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, nn.ModuleList())
-    try:
-        model.to(device)
-    finally:
-        setattr(parent, attr, layers)
-    for layer in layers:
-        layer.to(offload)
+    _move_all_but_layers(model, path, layers, device)
+    if layer_io is None:
+        for layer in layers:
+            layer.to(offload)
 
     calls = capture_layer_inputs(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
     for index, layer in enumerate(layers):
+        if layer_io is not None:
+            layer_io.load(index, layer)
         layer.to(device)
         collector = StatsCollector(layer_targets[index], needs)
         try:
@@ -128,7 +129,20 @@ def run_sequential(
             outs = _run_layer(layer, calls, device, offload)
         calls = outs
         layer.to(offload)
+        if layer_io is not None:
+            layer_io.done(index, layer)
         if progress is not None:
             progress(index)
-    model.to(offload)  # the embeddings and head follow the layers back: one place for the whole model
+    # The embeddings and head follow the layers back: one place for the whole model.
+    _move_all_but_layers(model, path, layers, offload)
     model.train(was_training)
+
+
+def _move_all_but_layers(model: nn.Module, path: str, layers: nn.ModuleList, device) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)

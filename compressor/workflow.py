@@ -9,6 +9,7 @@ text), so bad input fails in a second with one line and nothing on disk.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,7 @@ def compress_checkpoint(
     trust_remote_code: bool = False,
     show_progress: bool = True,
     with_plots: bool = True,
+    low_memory: bool = False,
 ) -> dict:
     out = Path(out)
     if out.exists() and not overwrite:
@@ -90,7 +92,14 @@ def compress_checkpoint(
     recipe = load_recipe(recipe_name, overrides)
     calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
     if evaluate_ppl:
+        if low_memory:
+            raise UserError("--eval needs the whole model in memory; with --low-memory, run `lrc eval OUT` on a "
+                            "machine that holds it")
         load_texts(eval_data, split_default="test")
+    if low_memory:
+        return _compress_low_memory(model_name, recipe, out, calib_texts, device=device, dtype=dtype,
+                                    overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                    show_progress=show_progress, with_plots=with_plots)
     timings = {}
     t0 = time.perf_counter()
     loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
@@ -122,12 +131,36 @@ def compress_checkpoint(
         bytes_before=bytes_before, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_before,
         ppl_after=ppl_after, timings=timings, device=device,
     )
-    t0 = time.perf_counter()
     plots = report_plots(report) if with_plots else {}
-    result.save(out, tokenizer=tok, report=report, report_md=render_markdown(report, plots=list(plots)),
+    result.save(out, tokenizer=tok, report=report, report_md=lambda r: render_markdown(r, plots=list(plots)),
                 overwrite=overwrite, extra_files=plots)
-    report["timings_seconds"]["save"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype, overwrite, trust_remote_code,
+                         show_progress, with_plots) -> dict:
+    """compress_checkpoint with weights streamed from disk one decoder layer at a time (compressor/streaming.py)."""
+    from compressor.streaming import compress_streaming, load_skeleton
+
+    def report_fn(result, model, storage, before):
+        report = build_report(
+            result, model_source=model_name, params_before=before[0], params_after=count_parameters(model),
+            bytes_before=before[1], bytes_after=state_bytes(model, storage), timings=result.timings, device=device,
+        )
+        report["low_memory"] = True
+        plots = report_plots(report) if with_plots else {}
+        return report, render_markdown(report, plots=list(plots)), plots
+
+    skeleton = load_skeleton(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tok, n_layers = skeleton[0], skeleton[1], skeleton[5]
+    select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
+    batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
+    with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
+        result, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
+                                          overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                          progress=advance, report_fn=report_fn, calibration_info=calib_info,
+                                          skeleton=skeleton)
+    return json.loads((path / "report.json").read_text(encoding="utf-8"))
 
 
 def evaluate_checkpoint(model_name: str, *, data=None, seqlen=None, device="cpu", dtype="auto", batch_size=4,

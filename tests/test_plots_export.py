@@ -50,7 +50,7 @@ def lrc_out(tmp_path_factory, tiny_model) -> Path:
                           params_after=count_parameters(model), bytes_before=bytes_before,
                           bytes_after=state_bytes(model))
     report["perplexity"] = dict(PPL)
-    result.save(out, tokenizer=_tokenizer(), report=report, report_md=render_markdown(report))
+    result.save(out, tokenizer=_tokenizer(), report=report, report_md=render_markdown)
     return out
 
 

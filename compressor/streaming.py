@@ -1,0 +1,230 @@
+"""Compress a checkpoint larger than memory: weights stay on disk until their decoder layer is needed.
+
+    from compressor.streaming import compress_streaming
+    compress_streaming("path/or/hub-id", "svd-llm-20", "out/")
+
+How (CLI: `lrc compress ... --low-memory`):
+  1. the model is built on the meta device (no memory); only the parts outside the decoder layers (embeddings,
+     final norm, head, rotary tables) are read from the checkpoint's safetensors;
+  2. the layer-by-layer runner (compressor/sequential.py) asks `LazyLayers.load(i)` for decoder layer i just
+     before it is used: its tensors are read from the memory-mapped safetensors files, cast to the compute dtype;
+  3. when the runner is done with layer i (statistics, decomposition, outputs for layer i+1), `done(i)` writes
+     its compressed tensors, in the storage dtype, to output shard i and sends the layer back to the meta device;
+  4. the last shard holds the rest of the model; the index, config (with lrc's quantization_config), tokenizer
+     and report are written, and the temporary directory is renamed into place (atomic, like compressor/io.py).
+Resident at any time: one decoder layer (plus its compressed copy while it is written), the non-layer weights,
+the calibration activations of one layer (nsamples × seqlen × hidden, twice), and that layer's statistics. The
+output is the same checkpoint `CompressionResult.save` writes (tests compare them tensor for tensor).
+
+Not streamable (refused with one line, before any work): methods needing a whole-model backward pass
+(Fisher), and rank allocation other than uniform (it needs every layer's spectrum up front).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compressor import api, hf_integration
+from compressor.errors import UserError
+from compressor.io import CONFIG_NAME, _apply_umask, _check_destination, _move_into_place, _module_table
+from compressor.io import _write_quantization_config
+from compressor.recipe import load_recipe
+from compressor.report import count_parameters, state_bytes
+from compressor.targets import find_decoder_layers
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointFiles:
+    """tensor name -> safetensors file of a checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+        else:
+            raise UserError(f"--low-memory needs safetensors weights; none found in {folder}")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise UserError(f"checkpoint {self.folder} has no tensor '{missing[0]}' (its names must match the "
+                            "model's modules for --low-memory)")
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, members in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in members})
+        return out
+
+
+def _materialize(module: nn.Module, prefix: str, files: CheckpointFiles, dtype: torch.dtype, skip=()) -> None:
+    """Replace `module`'s meta parameters (and persistent buffers) by the checkpoint's tensors, in place: the
+    module objects stay the same, so target lists made on the meta model still point at them."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    wanted = [name for name, t in module.state_dict(keep_vars=True).items() if t.is_meta and name not in skip]
+    tensors = files.read([prefix + name for name in wanted])
+    for name in wanted:
+        value = tensors[prefix + name]
+        set_module_tensor_to_device(module, name, "cpu", value=value, dtype=dtype if value.is_floating_point() else None)
+
+
+class LazyLayers:
+    """The runner's `layer_io`: loads decoder layer i from the checkpoint, writes it to shard i when done."""
+
+    def __init__(self, files: CheckpointFiles, layers_path: str, n_layers: int, dtype: torch.dtype,
+                 storage_dtype: torch.dtype, out_dir: Path | None):
+        self.files, self.path, self.n, self.dtype, self.storage = files, layers_path, n_layers, dtype, storage_dtype
+        self.out_dir = out_dir  # None: read-only pass (nothing is written)
+        self.weight_map: dict[str, str] = {}
+        self.seconds = {"load": 0.0, "save": 0.0}
+
+    def shard_name(self, i: int) -> str:
+        return f"model-{i + 1:05d}-of-{self.n + 1:05d}.safetensors"
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        t0 = time.perf_counter()
+        _materialize(layer, f"{self.path}.{index}.", self.files, self.dtype)
+        self.seconds["load"] += time.perf_counter() - t0
+
+    def done(self, index: int, layer: nn.Module) -> None:
+        if self.out_dir is not None:
+            t0 = time.perf_counter()
+            layer.to(self.storage)  # compressed modules keep their own dtypes for scales and codes
+            self.write(index, {f"{self.path}.{index}.{k}": v for k, v in layer.state_dict().items()})
+            self.seconds["save"] += time.perf_counter() - t0
+        layer.to("meta")
+
+    def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.shard_name(shard)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.out_dir / name),
+                  metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+
+
+def _local_checkpoint(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise UserError(f"model path not found or not a directory: {name_or_path}")
+    from huggingface_hub import snapshot_download
+
+    try:  # only what a layer-wise load needs: configs, tokenizer files, safetensors
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                  "*.jinja"]))
+    except Exception as exc:  # noqa: BLE001 (network, auth, missing repo: one line for the user)
+        raise UserError(f"cannot download '{name_or_path}': {str(exc).splitlines()[0]}") from None
+
+
+def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code=False):
+    """(model on the meta device except its non-layer parts, tokenizer, CheckpointFiles, storage dtype)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _local_checkpoint(name_or_path)
+    if not (folder / CONFIG_NAME).is_file():
+        raise UserError(f"not a model directory (no config.json): {name_or_path}")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise UserError(f"{name_or_path} is already quantized/compressed; --low-memory needs a dense checkpoint")
+    storage = api._checkpoint_dtype(config)
+    compute = api._resolve_dtype(dtype, device, storage)
+    files = CheckpointFiles(folder)
+    with init_empty_weights():  # parameters on meta; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=compute, trust_remote_code=trust_remote_code)
+    model.eval()
+    path, layers = find_decoder_layers(model)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    # A tied head is not in the checkpoint (only the embedding it shares): skip it, re-tie after loading.
+    tied = {k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k not in files.files}
+    setattr(parent, attr, nn.ModuleList())  # everything but the layers: read now
+    try:
+        _materialize(model, "", files, compute, skip=tied)
+    finally:
+        setattr(parent, attr, layers)
+    if tied:
+        model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model, tokenizer, files, storage, path, len(layers)
+
+
+def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None, batches=None, device="cpu",
+                       dtype="auto", overwrite=False, trust_remote_code=False, progress=None, report_fn=None,
+                       skeleton=None, calibration_info=None):
+    """Compress `model_name` (local dir or hub id) to `out` holding one decoder layer at a time.
+
+    `report_fn(result, model, storage_dtype, (params, bytes) before) -> (report dict, report_md, extra files)`
+    adds the report to the output (compressor.workflow builds it); `skeleton`: a `load_skeleton` result already
+    in hand. Returns (CompressionResult, output path)."""
+    out = Path(out)
+    _check_destination(out, overwrite)
+    recipe = recipe if not isinstance(recipe, str) else load_recipe(recipe, overrides)
+    t0 = time.perf_counter()
+    model, tok, files, storage, path, n_layers = skeleton or load_skeleton(
+        model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    load_seconds = time.perf_counter() - t0
+    before = (count_parameters(model), state_bytes(model, storage))
+    if batches is None:
+        batches, calibration_info = api.calibration_data(tok, recipe, calib)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        lazy = LazyLayers(files, path, n_layers, next(model.parameters()).dtype, storage, tmp)
+        result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
+                              progress=progress, layer_io=lazy)
+        result.timings["load"] = load_seconds + lazy.seconds["load"]
+        result.calibration = calibration_info or {}
+        _finish(model, result, lazy, tmp, tok, storage, report_fn and (lambda r, m: report_fn(r, m, storage, before)))
+        _apply_umask(tmp)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result, out
+
+
+def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, report_fn) -> None:
+    start = time.perf_counter()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # not stored (as save_pretrained): loading re-ties
+    rest = {k: v.to(storage) if v.is_floating_point() else v for k, v in model.state_dict().items()
+            if not k.startswith(lazy.path + ".") and k not in tied}
+    lazy.write(lazy.n, rest)
+    total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(lazy.weight_map.items()))}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    model.config.dtype = storage
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    table = _module_table(model, result.specs())
+    _write_quantization_config(model, tmp / CONFIG_NAME, table, result.recipe.method, result.recipe.name)
+    hf_integration.register()
+    tokenizer.save_pretrained(tmp)
+    result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
+    extra = {"recipe.yaml": result.recipe.to_yaml()}
+    if report_fn is not None:
+        report, report_md, files = report_fn(result, model)
+        extra.update({"report.json": json.dumps(report, indent=2), "report.md": report_md, **files})
+    for name, content in extra.items():
+        (tmp / name).parent.mkdir(exist_ok=True)
+        (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+

@@ -1,0 +1,146 @@
+"""--low-memory: weights streamed from safetensors one decoder layer at a time must give exactly the checkpoint
+the in-memory path writes, while never holding more than one decoder layer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compressor import api, streaming
+from compressor.errors import UserError
+from compressor.io import load_compressed
+from compressor.recipe import load_recipe
+from compressor.resources import demo_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _checkpoint(tmp_path: Path, model, name="dense", **save_kw) -> Path:
+    folder = tmp_path / name
+    model.save_pretrained(folder, **save_kw)
+    for file in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do: calibration ids are given
+        shutil.copy(demo_model_dir() / file, folder / file)
+    return folder
+
+
+def _tensors(folder: Path) -> dict:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _in_memory(folder: Path, recipe, batches, out: Path):
+    loaded = api.load_model(str(folder), keep_on_cpu=True)
+    result = api.compress(loaded.model, recipe, batches=batches, storage_dtype=loaded.storage_dtype)
+    result.save(out, tokenizer=loaded.tokenizer)
+    return out
+
+
+@pytest.mark.parametrize("arch,tie,recipe_name,dtype", [
+    ("llama", False, "svd-llm-20", torch.float32),
+    ("qwen2", False, "eora-4bit", torch.float32),
+    ("llama", True, "rtn-4bit", torch.bfloat16),
+    ("mistral", False, "svd-20", torch.bfloat16),
+])
+def test_streamed_output_equals_the_in_memory_output(tmp_path, tiny_model, calib_ids, arch, tie, recipe_name, dtype):
+    model = tiny_model(arch, correlated=True, tie=tie).to(dtype)
+    folder = _checkpoint(tmp_path, model, max_shard_size="100KB")  # a sharded input with an index
+    assert (folder / streaming.INDEX_NAME).is_file()
+    recipe = load_recipe(recipe_name, ("calibration.nsamples=4", "calibration.seqlen=32"))
+    batches = calib_ids(4, 32)
+    expected = _in_memory(folder, recipe, batches, tmp_path / "memory")
+    result, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)
+
+    assert len(result.modules) == 14 and all(m.compressed for m in result.modules)
+    a, b = _tensors(expected), _tensors(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert json.loads((expected / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+    index = json.loads((out / streaming.INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) == 3  # 2 layers + rest
+    ids = batches[:2]
+    with torch.no_grad():
+        assert torch.equal(load_compressed(expected)(ids).logits, load_compressed(out)(ids).logits)
+
+
+def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_ids, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_SIZES
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_SIZES, "num_hidden_layers": 5})).eval()
+    folder = _checkpoint(tmp_path, model)
+    seen = []
+    original_load = streaming.LazyLayers.load
+
+    def observing_load(self, index, layer):
+        original_load(self, index, layer)
+        _, layers = streaming.find_decoder_layers(layer_model[0])
+        seen.append([i for i, lay in enumerate(layers) if not any(p.is_meta for p in lay.parameters())])
+
+    original_skeleton = streaming.load_skeleton
+    layer_model = []
+
+    def observing_skeleton(*args, **kwargs):
+        out = original_skeleton(*args, **kwargs)
+        layer_model.append(out[0])
+        _, layers = streaming.find_decoder_layers(out[0])
+        assert all(p.is_meta for p in layers.parameters())  # nothing of the layers read up front
+        assert not any(p.is_meta for p in out[0].model.embed_tokens.parameters())
+        return out
+
+    monkeypatch.setattr(streaming.LazyLayers, "load", observing_load)
+    monkeypatch.setattr(streaming, "load_skeleton", observing_skeleton)
+    streaming.compress_streaming(str(folder), "svd-llm-20", tmp_path / "out", batches=calib_ids(2, 16))
+    assert seen == [[0], [1], [2], [3], [4]]
+
+
+def test_refusals_leave_nothing_on_disk(tmp_path, tiny_model, calib_ids):
+    folder = _checkpoint(tmp_path, tiny_model("llama"))
+    batches = calib_ids(2, 16)
+    with pytest.raises(UserError, match="backward pass through the whole model"):
+        streaming.compress_streaming(str(folder), "fwsvd-20", tmp_path / "a", batches=batches)
+    with pytest.raises(UserError, match="allocation 'global'"):
+        streaming.compress_streaming(str(folder), "svd-llm-20", tmp_path / "b", batches=batches,
+                                     overrides=("allocation=global",))
+    bin_only = tmp_path / "bin"
+    tiny_model("llama").save_pretrained(bin_only, safe_serialization=False) if _supports_bin() else bin_only.mkdir()
+    shutil.copy(folder / "config.json", bin_only / "config.json")
+    for f in bin_only.glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(UserError, match="needs safetensors weights"):
+        streaming.compress_streaming(str(bin_only), "svd-20", tmp_path / "c", batches=batches)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "dense"]
+
+
+def _supports_bin() -> bool:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def test_cli_low_memory_writes_a_report_and_refuses_eval(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "compressor.cli", "compress", str(demo_model_dir()), "-r", "rtn-4bit", "-o",
+           str(out), "--low-memory", "--nsamples", "2", "--seqlen", "32", "--no-plots"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["low_memory"] is True and report["totals"]["compressed"] == 56
+    assert {"load", "save", "compress_total"} <= set(report["timings_seconds"])
+    cmd[cmd.index(str(out))] = str(tmp_path / "other")
+    refused = subprocess.run(cmd + ["--eval"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--eval" in refused.stderr
+    assert not (tmp_path / "other").exists()
