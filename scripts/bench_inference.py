@@ -1,0 +1,318 @@
+"""Inference speed and memory of compressed models against the dense one, side by side in one run.
+
+    .venv/bin/python scripts/bench_inference.py                         # the shipped demo model, CPU (~2 min)
+    .venv/bin/python scripts/bench_inference.py --device cuda           # + absolute tokens/s and the GPU's name
+    .venv/bin/python scripts/bench_inference.py --device cuda --synthetic 1b   # random TinyLlama-shaped model
+    .venv/bin/python scripts/bench_inference.py --model DIR --with-quant
+
+Models: dense; svd-llm at 20% and 40% of every decoder linear's parameters removed (calibrated on a few
+windows: only speed is measured here); with --with-quant rtn 4-bit, whose QuantLinear dequantizes the whole weight
+on every forward (a correctness path, not a kernel: expect it slower than dense). `--synthetic 1b` builds a
+random-weight Llama of TinyLlama-1.1B's shape and uses plain `svd` (calibration means nothing on random weights;
+the 16-window calibration pass only feeds compress()'s report). Use it with --device cuda: on one CPU thread a
+2048×5632 fp64 Gram + eigh takes ~4 s, i.e. ~7 min of decompositions per ratio, and one 8×256 prefill of the fp32
+model ~1 min, so a CPU run of it takes ~40 min (estimated from those timings, not run end to end).
+Every model is compressed once, saved, and benchmarked as reloaded by `load_compressed` (what a user runs).
+`--threads` defaults to torch's; on a machine shared with other jobs use --threads 1 (OpenMP threads that wait
+for a busy core make a 2-thread run several times slower and its ratios noise).
+
+Workloads (the same seeded random token ids for every model): prefill of batch 1 and 8 × seqlen tokens (one
+forward that builds the KV cache and computes only the last position's logits, as generate() does); decode at
+batch 1 = greedy generate() with the KV cache and `new_tokens` forced (min_new_tokens), timed as
+t(new_tokens) − t(1 token) so the prompt's prefill cancels. A warm-up round, then `repeats` rounds interleaving
+the models (drift on a shared machine hits all alike); medians. Memory: bytes of parameters and buffers; peak =
+weights + peak allocation growth over one run of every workload (GPU: max_memory_allocated; CPU: a subprocess
+per model that warms up, resets VmHWM via /proc/self/clear_refs and runs again with a fixed glibc mmap
+threshold — in one process, heap freed by one model hides the next one's peak; measured repeatable to <1 MiB).
+
+Why low rank barely speeds up on CPU here: rank r replaces one m×n GEMM by two thin ones costing r(m+n)/(mn) of
+its flops (0.8 at 20% removed, 0.6 at 40%) plus one more module call and an intermediate tensor. In the demo
+model (hidden 256) every GEMM is small, so calls and framework overhead dominate: batch-1 decode (pure per-layer
+overhead, 7 extra Linear calls per layer) measured 0.8-1.05× in three runs on a shared 2-core machine, prefill
+8×256 1.03-1.07× at 20% and 1.14-1.27× at 40% removed, short of the flops ratio. The flops only pay when r is
+well below min(m, n) and the GEMMs are large (big models, long prefills). The table reports what a run
+measured; nothing is tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from compressor import api
+from compressor.recipe import load_recipe
+from compressor.resources import demo_model_dir
+
+# TinyLlama-1.1B's shape (random weights; nothing is downloaded).
+SYNTHETIC = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    vocab_size: int
+    seqlen: int = 256
+    prefill_batches: tuple[int, ...] = (1, 8)
+    prompt_len: int = 32
+    new_tokens: int = 64
+    seed: int = 0
+
+    def inputs(self, device) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        ids = {f"prefill {b}×{self.seqlen}": torch.randint(self.vocab_size, (b, self.seqlen), generator=g)
+               for b in self.prefill_batches}
+        ids["prompt"] = torch.randint(self.vocab_size, (1, self.prompt_len), generator=g)
+        return {k: v.to(device) for k, v in ids.items()}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every distinct parameter and buffer (QuantLinear keeps its packed weights in buffers)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _generate(model, prompt, n):
+    pad = model.generation_config.pad_token_id
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, use_cache=True, pad_token_id=0 if pad is None else pad)
+    if out.shape[1] != prompt.shape[1] + n:
+        raise RuntimeError(f"generate() returned {out.shape[1] - prompt.shape[1]} tokens instead of {n}")
+
+
+@torch.inference_mode()
+def run_once(model, workload: Workload, inputs, device) -> dict[str, float]:
+    """Seconds of each workload, run once."""
+    seconds = {}
+    for key, ids in inputs.items():
+        runs = [(key, lambda: model(ids, use_cache=True, logits_to_keep=1))] if key != "prompt" else [
+            ("generate 1", lambda: _generate(model, ids, 1)),
+            (f"generate {workload.new_tokens}", lambda: _generate(model, ids, workload.new_tokens))]
+        for name, call in runs:
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
+def record(model, workload: Workload, seconds: dict[str, float]) -> dict:
+    n = workload.new_tokens
+    decode_s = seconds[f"generate {n}"] - seconds["generate 1"]
+    return {
+        "weight_bytes": weight_bytes(model),
+        "prefill_tok_s": {f"{b}×{workload.seqlen}": b * workload.seqlen / seconds[f"prefill {b}×{workload.seqlen}"]
+                          for b in workload.prefill_batches},
+        "decode_tok_s": (n - 1) / decode_s if decode_s > 0 else float("nan"),
+        "seconds": seconds,
+    }
+
+
+def measure(models: dict, workload: Workload, *, device="cpu", repeats: int = 5) -> dict[str, dict]:
+    """{label: record} for models already on `device`: warm-up, `repeats` interleaved rounds, medians.
+    On CUDA each record also has `peak_bytes` (weights + peak allocation growth over one run of every workload)."""
+    inputs = workload.inputs(device)
+    for model in models.values():
+        run_once(model, workload, inputs, device)
+    rounds = {label: [] for label in models}
+    for _ in range(repeats):
+        for label, model in models.items():
+            rounds[label].append(run_once(model, workload, inputs, device))
+    records = {}
+    for label, model in models.items():
+        median = {k: statistics.median(r[k] for r in rounds[label]) for k in rounds[label][0]}
+        records[label] = record(model, workload, median)
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            run_once(model, workload, inputs, device)
+            growth = torch.cuda.max_memory_allocated(device) - base
+            records[label]["peak_bytes"] = records[label]["weight_bytes"] + growth
+    return records
+
+
+def load(path, compressed: bool, dtype, device):
+    if compressed:
+        return api.load_compressed(path, dtype=dtype, device=device).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def _proc_status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def probe_rss(path, compressed, dtype, workload: Workload, threads) -> int:
+    """This process: load, reset the RSS high-water mark, run every workload once; weights + growth."""
+    torch.set_num_threads(threads)
+    model = load(path, compressed, dtype, "cpu")
+    inputs = workload.inputs("cpu")
+    run_once(model, workload, inputs, "cpu")  # lazy imports and one-off library state are not the model's
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
+    base = _proc_status("VmRSS")
+    run_once(model, workload, inputs, "cpu")
+    return weight_bytes(model) + _proc_status("VmHWM") - base
+
+
+def peak_rss_subprocess(path, compressed, dtype, workload, threads) -> int:
+    cmd = [sys.executable, __file__, "--probe", str(path), "--probe-compressed", str(int(compressed)),
+           "--dtype", str(dtype).removeprefix("torch."), "--probe-workload", json.dumps(asdict(workload)),
+           "--threads", str(threads)]
+    # A fixed mmap threshold turns off glibc's adaptive one: every tensor of 64 KiB or more is mapped on allocation
+    # and unmapped on free, so the warm-up run's freed memory is not silently reused by the measured run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if run.returncode:
+        raise RuntimeError(f"peak-RSS subprocess for {path} failed:\n{run.stderr[-2000:]}")
+    return int(run.stdout.strip().splitlines()[-1])
+
+
+def build_checkpoints(args, out: Path, device) -> tuple[Path, list[tuple[str, Path]], torch.dtype]:
+    """(dense checkpoint dir, [(label, compressed checkpoint dir)], compute dtype); each model compressed once."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    calib = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.calib_seqlen}"]
+    method, recipe_name = ("svd", "svd-20") if args.synthetic else ("svd-llm", "svd-llm-20")
+    rows = [(f"{method} {cut}%", recipe_name, [f"param_ratio={1 - cut / 100:g}"]) for cut in (20, 40)]
+    if args.with_quant:
+        rows.append(("rtn 4-bit", "rtn-4bit", []))
+    if args.synthetic:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**SYNTHETIC[args.synthetic])).to(torch.bfloat16)
+        dense_dir = out / f"synthetic-{args.synthetic}"
+        model.save_pretrained(dense_dir)
+        del model
+        batches = torch.randint(SYNTHETIC[args.synthetic]["vocab_size"], (args.nsamples, args.calib_seqlen),
+                                generator=torch.Generator().manual_seed(0))
+    else:
+        dense_dir = Path(args.model)
+        batches, _ = api.calibration_data(AutoTokenizer.from_pretrained(dense_dir), load_recipe(recipe_name, calib))
+    storage = AutoConfig.from_pretrained(dense_dir).dtype or torch.float32
+    storage = getattr(torch, storage) if isinstance(storage, str) else storage
+    compute = args.torch_dtype or (storage if str(device).startswith("cuda") else torch.float32)
+    saved = []
+    for label, name, overrides in rows:
+        t0 = time.perf_counter()
+        model = load(dense_dir, False, compute, "cpu")  # the runner moves one layer at a time to `device`
+        result = api.compress(model, load_recipe(name, calib + overrides), batches=batches, device=device,
+                              storage_dtype=storage)
+        saved.append((label, result.save(out / name / label.replace(" ", "-"))))
+        print(f"compressed {label} in {time.perf_counter() - t0:.1f} s")
+        del model, result
+    return dense_dir, saved, compute
+
+
+def print_table(records: dict, title: str, caption: str, gpu: bool):
+    """Ratios vs dense (tokens/s: > 1 is faster; memory: < 1 is smaller); absolute tokens/s and MiB only on GPU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    dense = records["dense"]
+    speeds = [(f"prefill {k}", lambda r, k=k: r["prefill_tok_s"][k]) for k in dense["prefill_tok_s"]]
+    speeds.append(("decode b1", lambda r: r["decode_tok_s"]))
+    table = Table(title=title, caption=caption)
+    table.add_column("model", no_wrap=True)
+    for name in ["weights MiB", "weights ×", "peak mem ×"] + (["peak MiB"] if gpu else []):
+        table.add_column(name, justify="right")
+    for name, _ in speeds:
+        table.add_column(f"{name} ×", justify="right")
+        if gpu:
+            table.add_column(f"{name} tok/s", justify="right")
+    for label, rec in records.items():
+        peak = rec.get("peak_bytes")
+        cells = [label, f"{rec['weight_bytes'] / 2**20:.1f}", f"{rec['weight_bytes'] / dense['weight_bytes']:.2f}",
+                 f"{peak / dense['peak_bytes']:.2f}" if peak else "n/a"] + ([f"{peak / 2**20:,.0f}"] if gpu else [])
+        for _, speed in speeds:
+            cells.append(f"{speed(rec) / speed(dense):.2f}")
+            if gpu:
+                cells.append(f"{speed(rec):,.0f}")
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(demo_model_dir()), help="dense checkpoint directory")
+    parser.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random-weight model instead of --model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--with-quant", action="store_true", help="add rtn 4-bit (dequantizes every forward)")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--calib-seqlen", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=256, help="prefill length (capped at the model's positions)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-rss", action="store_true", help="CPU: skip the peak-RSS subprocess per model")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/inference.json"))
+    for hidden in ("--probe", "--probe-compressed", "--probe-workload"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.torch_dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.probe:
+        fields = json.loads(args.probe_workload)
+        workload = Workload(**{**fields, "prefill_batches": tuple(fields["prefill_batches"])})
+        print(probe_rss(args.probe, args.probe_compressed == "1", args.torch_dtype, workload, args.threads))
+        return
+
+    from transformers import AutoConfig
+
+    torch.set_num_threads(args.threads)
+    device, gpu = args.device, args.device.startswith("cuda")
+    config = SYNTHETIC[args.synthetic] if args.synthetic else AutoConfig.from_pretrained(args.model).to_dict()
+    positions = config["max_position_embeddings"]
+    workload = Workload(vocab_size=config["vocab_size"], new_tokens=args.new_tokens, seqlen=min(args.seqlen, positions))
+    if workload.prompt_len + workload.new_tokens > positions:
+        parser.error(f"prompt {workload.prompt_len} + --new-tokens > the model's {positions} positions")
+    with tempfile.TemporaryDirectory() as folder:
+        dense_dir, compressed, dtype = build_checkpoints(args, Path(folder), device)
+        paths = {"dense": (dense_dir, False), **{label: (path, True) for label, path in compressed}}
+        models = {label: load(path, is_compressed, dtype, device) for label, (path, is_compressed) in paths.items()}
+        records = measure(models, workload, device=device, repeats=args.repeats)
+        del models
+        rss_note = ("peak = weights + CUDA max_memory_allocated growth" if gpu else "peak RSS not measured (--no-rss)"
+                    if args.no_rss else "peak RSS not measured (needs Linux's /proc/self/clear_refs)")
+        if not gpu and not args.no_rss and Path("/proc/self/clear_refs").exists():
+            for label, (path, is_compressed) in paths.items():
+                records[label]["peak_bytes"] = peak_rss_subprocess(path, is_compressed, dtype, workload, args.threads)
+            rss_note = "peak = weights + VmHWM growth, one subprocess per model"
+
+    name = f"synthetic {args.synthetic} (random weights)" if args.synthetic else Path(args.model).name
+    where = (torch.cuda.get_device_name(device) if gpu
+             else f"{platform.processor() or platform.machine()} CPU") + f", {args.threads} threads"
+    caption = (f"{where}; {str(dtype).removeprefix('torch.')}; tokens/s medians of {args.repeats}; decode = greedy "
+               f"{workload.new_tokens} tokens; {rss_note}; torch {torch.__version__}; {date.today()}")
+    print_table(records, f"{name}: inference vs dense (× = model / dense)", caption, gpu)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "model": name, "device": where, "threads": args.threads, "dtype": str(dtype), "date": str(date.today()),
+        "torch": torch.__version__, "workload": asdict(workload), "repeats": args.repeats, "memory": rss_note,
+        "calibration": {"nsamples": args.nsamples, "seqlen": args.calib_seqlen}, "records": records,
+    }, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
