@@ -40,16 +40,24 @@ class ModuleReport:
         return asdict(self)
 
 
+ERROR_ROWS = 512  # rows per fp64 block: the transient stays ~3 × 512 × n × 8 bytes, whatever the matrix size
+
+
 def _errors(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tensor | None) -> tuple[float, float | None]:
-    W = W.to(torch.float64)
-    delta = W - W_hat.to(W.device, torch.float64)
-    rel_w = (delta.norm() / W.norm().clamp(min=1e-300)).item()
-    if gram is None:
+    g = None if gram is None else gram.to(W.device, torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64)  # ‖Δ‖², ‖W‖², tr(Δ G Δᵀ), tr(W G Wᵀ)
+    for start in range(0, W.shape[0], ERROR_ROWS):
+        w = W[start : start + ERROR_ROWS].to(torch.float64)
+        delta = w - W_hat[start : start + ERROR_ROWS].to(W.device, torch.float64)
+        sums[0] += delta.pow(2).sum().cpu()
+        sums[1] += w.pow(2).sum().cpu()
+        if g is not None:
+            sums[2] += ((delta @ g) * delta).sum().cpu()
+            sums[3] += ((w @ g) * w).sum().cpu()
+    rel_w = math.sqrt(sums[0].item() / max(sums[1].item(), 1e-300))
+    if g is None:
         return rel_w, None
-    g = gram.to(W.device, torch.float64)
-    num = ((delta @ g) * delta).sum().clamp(min=0)
-    den = ((W @ g) * W).sum().clamp(min=1e-300)
-    return rel_w, math.sqrt((num / den).item())
+    return rel_w, math.sqrt(max(sums[2].item(), 0.0) / max(sums[3].item(), 1e-300))
 
 
 @torch.no_grad()
@@ -103,5 +111,8 @@ def compress_layer(
                 reports.append(ModuleReport(name, (m, n), True, factors.spec(), before, after, rel_w, rel_out, clamps,
                                             seconds, predicted_rel_output_error=predicted))
                 set_submodule(model, name, module)
+                # The replaced linear stays referenced by the caller's target lists: free its weight now, or
+                # every decoder layer's dense weights would live until compression ends.
+                lin.to("meta")
         stats[owner].release_derived()
     return reports

@@ -55,10 +55,12 @@ class QuantLinear(nn.Module):
             self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) must not touch the fp16 scales: they are part of the packed format.
+        # model.to(bfloat16) must not touch the fp16 scales (part of the packed format): a round trip through
+        # bf16 would round them. Keep the originals and follow only the device change.
+        scales = self.scales
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float16:
-            self.scales = self.scales.to(torch.float16)
+            self.scales = scales.to(self.scales.device)
         return self
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -70,6 +70,14 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (rows, k) with values < 2^bits into int32 words (rows, ceil(k*bits/32))."""
     rows, k = q.shape
     q = q.to(torch.int64)
+    if 32 % bits == 0:
+        # Whole values per word (2, 4, 8 bits): one shift per slot, int64 intermediates of the codes' size (the
+        # bit stream below needs `bits`× that: over 1 GB for one 1B-model MLP matrix).
+        per = 32 // bits
+        words = math.ceil(k / per)
+        q = torch.nn.functional.pad(q, (0, words * per - k)).reshape(rows, words, per)
+        packed = (q << (torch.arange(per, dtype=torch.int64, device=q.device) * bits)).sum(-1)
+        return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int64, device=q.device)
     stream = ((q.unsqueeze(-1) >> shifts) & 1).reshape(rows, k * bits)  # little-endian bit stream per row
     words = math.ceil(k * bits / 32)

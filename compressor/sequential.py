@@ -125,6 +125,7 @@ def run_sequential(
             collector.remove()
         if layer_targets[index]:
             on_layer(index, collector)
+        del collector  # its Grams and kept inputs are dead weight from here on (hundreds of MB for 1B-sized layers)
         if propagate == "compressed" and layer_targets[index]:
             outs = _run_layer(layer, calls, device, offload)
         calls = outs
@@ -142,7 +143,7 @@ def _move_all_but_layers(model: nn.Module, path: str, layers: nn.ModuleList, dev
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path)
     setattr(parent, attr, nn.ModuleList())
-    try:
-        model.to(device)
+    try:  # parts released to the meta device (compressor/streaming.py) stay there
+        model._apply(lambda t: t if t.is_meta else t.to(device))
     finally:
         setattr(parent, attr, layers)

@@ -18,6 +18,7 @@ from compressor.linalg import DEFAULT_EIG_FLOOR, Whitening, whitening
 # GPUs; an fp32 sum of ≤ 4096 products has relative error ~1e-6 of the diagonal), then added to the fp64 total,
 # so rounding does not grow with the number of calibration tokens.
 GRAM_CHUNK = 4096
+GRAM_COLUMNS = 1024
 
 
 @dataclass
@@ -90,7 +91,8 @@ class StatsCollector:
                 s.gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
             for chunk in x.split(GRAM_CHUNK):
                 c = chunk.float()
-                s.gram.add_(c.T @ c)
+                for j in range(0, n, GRAM_COLUMNS):  # column blocks bound the fp32 product and its fp64 copy
+                    s.gram[:, j : j + GRAM_COLUMNS].add_(c.T @ c[:, j : j + GRAM_COLUMNS])
         if "abs_mean" in self.needs:
             a = x.to(torch.float64).abs().sum(0)
             s.abs_sum = a if s.abs_sum is None else s.abs_sum.add_(a)

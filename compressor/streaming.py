@@ -22,6 +22,8 @@ Not streamable (refused with one line, before any work): methods needing a whole
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import shutil
 import tempfile
@@ -89,9 +91,10 @@ def _materialize(module: nn.Module, prefix: str, files: CheckpointFiles, dtype: 
 class LazyLayers:
     """The runner's `layer_io`: loads decoder layer i from the checkpoint, writes it to shard i when done."""
 
-    def __init__(self, files: CheckpointFiles, layers_path: str, n_layers: int, dtype: torch.dtype,
+    def __init__(self, model: nn.Module, files: CheckpointFiles, layers_path: str, n_layers: int, dtype: torch.dtype,
                  storage_dtype: torch.dtype, out_dir: Path | None):
-        self.files, self.path, self.n, self.dtype, self.storage = files, layers_path, n_layers, dtype, storage_dtype
+        self.model, self.files, self.path, self.n = model, files, layers_path, n_layers
+        self.dtype, self.storage = dtype, storage_dtype
         self.out_dir = out_dir  # None: read-only pass (nothing is written)
         self.weight_map: dict[str, str] = {}
         self.seconds = {"load": 0.0, "save": 0.0}
@@ -101,6 +104,11 @@ class LazyLayers:
 
     def load(self, index: int, layer: nn.Module) -> None:
         t0 = time.perf_counter()
+        if index == 0:
+            # The first layer's inputs are captured: nothing outside the layers runs again (the captured call
+            # arguments hold the position embeddings), and the output copies those tensors from the checkpoint.
+            _, layers = find_decoder_layers(self.model)
+            _release_all_but(self.model, layers)
         _materialize(layer, f"{self.path}.{index}.", self.files, self.dtype)
         self.seconds["load"] += time.perf_counter() - t0
 
@@ -111,12 +119,29 @@ class LazyLayers:
             self.write(index, {f"{self.path}.{index}.{k}": v for k, v in layer.state_dict().items()})
             self.seconds["save"] += time.perf_counter() - t0
         layer.to("meta")
+        release_freed_memory()
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         name = self.shard_name(shard)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.out_dir / name),
                   metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, name))
+
+
+def _release_all_but(model: nn.Module, keep: nn.Module) -> None:
+    kept = {id(t) for t in [*keep.parameters(), *keep.buffers()]}
+    model._apply(lambda t: t if id(t) in kept else t.to("meta"))
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps fragments of freed tensors below its mmap threshold,
+    hundreds of MB per 1B-sized layer); no-op elsewhere."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _local_checkpoint(name_or_path: str) -> Path:
@@ -188,7 +213,8 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        lazy = LazyLayers(files, path, n_layers, next(model.parameters()).dtype, storage, tmp)
+        compute = next(model.get_input_embeddings().parameters()).dtype
+        lazy = LazyLayers(model, files, path, n_layers, compute, storage, tmp)
         result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
                               progress=progress, layer_io=lazy)
         result.timings["load"] = load_seconds + lazy.seconds["load"]
@@ -205,8 +231,9 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
 def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, report_fn) -> None:
     start = time.perf_counter()
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # not stored (as save_pretrained): loading re-ties
-    rest = {k: v.to(storage) if v.is_floating_point() else v for k, v in model.state_dict().items()
-            if not k.startswith(lazy.path + ".") and k not in tied}
+    # Outside the layers nothing changed: copy from the checkpoint (d -> storage equals d -> fp32 -> storage).
+    names = [k for k in model.state_dict() if not k.startswith(lazy.path + ".") and k not in tied]
+    rest = {k: v.to(storage) if v.is_floating_point() else v for k, v in lazy.files.read(names).items()}
     lazy.write(lazy.n, rest)
     total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(lazy.weight_map.items()))}

@@ -1,0 +1,181 @@
+"""Memory: compress a ~1B-shaped checkpoint under a hard memory cap smaller than the model, with --low-memory.
+
+    .venv/bin/python scripts/bench_memory.py                      # build .cache/synthetic-1b once, then compress
+    .venv/bin/python scripts/bench_memory.py --recipe svd-20 --cap-gb 3
+
+The checkpoint: TinyLlama-1.1B's shape (22 layers, hidden 2048, intermediate 5632, 32 heads / 4 KV heads, vocab
+32000), random weights (scale 0.02), stored bf16 as one safetensors shard per layer: 2.2 GB on disk, 4.4 GB at the
+fp32 compute precision lrc uses on CPU. It is written layer by layer, so building it never holds the model either.
+
+The compression runs `lrc compress --low-memory` in a child process inside a Linux memory cgroup (v1 or v2)
+whose limit is the cap: going over it gets the child killed, so a finished run *is* the proof. Peak RSS of the
+child (getrusage) and the cgroup's peak usage (which also counts reclaimable page cache of the mmapped and
+written safetensors) are reported next to "2 GB + one decoder layer" (the issue's bound). Without a writable
+cgroup the run is uncapped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+GB = 1024**3
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """Random-weight Llama of SHAPE, written one shard per decoder layer (never the whole model in memory)."""
+    import shutil
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(**SHAPE, dtype="bfloat16")
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config)
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        groups.setdefault(layer, []).append(name)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, n = {}, len(groups)
+    for i, (group, names) in enumerate(groups.items()):
+        shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name in names:
+            shape = shapes[name]
+            t = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=generator) * 0.02
+            tensors[name] = t.to(torch.bfloat16)
+            weight_map[name] = shard
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+    total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(tmp)
+    demo = ROOT / "models" / "lrc-demo-llama"
+    for file in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer: ids < 1024 are valid here
+        shutil.copy(demo / file, tmp / file)
+    tmp.rename(folder)
+    return folder
+
+
+class MemoryCgroup:
+    """A memory-limited cgroup for one child process (v2 `memory.max` or v1 `memory.limit_in_bytes`)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.path, self.v2 = limit, None, False
+        for root, v2 in ((Path("/sys/fs/cgroup"), True), (Path("/sys/fs/cgroup/memory"), False)):
+            probe = root / ("cgroup.controllers" if v2 else "memory.limit_in_bytes")
+            if probe.exists() and (not v2 or "memory" in probe.read_text()):
+                try:
+                    path = root / f"lrc-bench-{os.getpid()}"
+                    path.mkdir()
+                    (path / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+                    if not v2:
+                        swap = path / "memory.memsw.limit_in_bytes"
+                        if swap.exists():
+                            swap.write_text(str(limit))
+                    self.path, self.v2 = path, v2
+                    return
+                except OSError:
+                    continue
+
+    def preexec(self):
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int | None:
+        if self.path is None:
+            return None
+        file = self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
+        return int(file.read_text()) if file.exists() else None
+
+    def killed_for_memory(self) -> bool:
+        if self.path is None:
+            return False
+        events = self.path / ("memory.events" if self.v2 else "memory.oom_control")
+        text = events.read_text() if events.exists() else ""
+        return any(line.split()[0] in ("oom_kill", "oom_kill_disable") and line.split()[1] != "0"
+                   for line in text.splitlines() if len(line.split()) == 2 and line.split()[0] == "oom_kill")
+
+    def remove(self):
+        if self.path is not None:
+            self.path.rmdir()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / ".cache" / "synthetic-1b"))
+    parser.add_argument("--recipe", default="rtn-4bit")
+    parser.add_argument("--cap-gb", type=float, default=None, help="default: 2 GiB + one decoder layer at fp32")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--json", default=str(ROOT / "bench-results" / "memory.json"))
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    folder = build_checkpoint(Path(args.checkpoint))
+    build_seconds = time.perf_counter() - t0
+    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    h, inter, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["hidden_size"] // 8
+    layer_fp32 = 4 * (2 * h * h + 2 * kv * h + 3 * h * inter + 2 * h)
+    out = ROOT / "out" / f"bench-memory-{args.recipe}"
+    cmd = [sys.executable, "-m", "compressor.cli", "compress", str(folder), "-r", args.recipe, "-o", str(out),
+           "--overwrite", "--low-memory", "--no-plots", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    cap = int(args.cap_gb * GB) if args.cap_gb else 2 * GB + layer_fp32
+    cgroup = MemoryCgroup(cap)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t1 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, preexec_fn=cgroup.preexec, capture_output=True, text=True)
+        seconds = time.perf_counter() - t1
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        cgroup_peak = cgroup.peak()
+    finally:
+        cgroup.remove()
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+    report = json.loads((out / "report.json").read_text()) if done.returncode == 0 else {}
+    result = {
+        "date": str(date.today()), "recipe": args.recipe, "checkpoint": str(folder), "shape": SHAPE,
+        "checkpoint_bytes_bf16": on_disk, "model_bytes_fp32": on_disk * 2, "one_layer_bytes_fp32": layer_fp32,
+        "cap_bytes": cap if cgroup.path else None,
+        "cgroup": ("v2" if cgroup.v2 else "v1") if cgroup.path else "unavailable (uncapped run)",
+        "returncode": done.returncode, "seconds": round(seconds, 1), "build_seconds": round(build_seconds, 1),
+        "peak_rss_bytes": peak_rss if peak_rss > before * 1024 else None, "cgroup_peak_bytes": cgroup_peak,
+        "bound_bytes": 2 * GB + layer_fp32, "calibration": f"{args.nsamples}x{args.seqlen}",
+        "timings_seconds": report.get("timings_seconds"), "output_bytes": sum(f.stat().st_size for f in out.glob(
+            "*.safetensors")) if done.returncode == 0 else None,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    fmt = lambda b: "n/a" if b is None else f"{b / GB:.2f} GiB"  # noqa: E731
+    print(f"checkpoint {folder.name}: {fmt(on_disk)} bf16 on disk, {fmt(on_disk * 2)} at fp32; one layer "
+          f"{fmt(layer_fp32)} fp32")
+    print(f"{args.recipe} --low-memory, calibration {args.nsamples}×{args.seqlen}, memory cap "
+          f"{fmt(result['cap_bytes'])} ({result['cgroup']}): exit {done.returncode} after {seconds:.0f} s")
+    print(f"peak RSS {fmt(result['peak_rss_bytes'])}; cgroup peak (incl. page cache) {fmt(cgroup_peak)}; "
+          f"bound 2 GiB + one layer = {fmt(result['bound_bytes'])}; output {fmt(result['output_bytes'])}")
+    sys.exit(0 if done.returncode == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
