@@ -1,8 +1,10 @@
 """Numerically careful linear algebra shared by the methods: whitening from a Gram matrix, truncated SVD.
 
-Whitening uses `eigh` of the Gram in fp64 with eigenvalues clamped at a relative floor (a Cholesky would throw
-on the rank-deficient Grams that few calibration tokens or dead channels produce). Clamps are counted and
-reported, never hidden.
+Whitening ("eigh", the default) uses `eigh` of the Gram in fp64 with eigenvalues clamped at a relative floor (a
+plain Cholesky would throw on the rank-deficient Grams that few calibration tokens or dead channels produce).
+"cholesky" is the fast alternative (a Cholesky costs ~1/9 of an eigh): G + δI with δ = floor · max diag(G),
+δ raised tenfold until the factorisation succeeds. Clamped eigenvalues (eigh) or δ escalations (cholesky) are
+counted and reported, never hidden.
 """
 
 from __future__ import annotations
@@ -23,15 +25,35 @@ class Whitening:
     clamped: int
 
 
-def whitening(gram: torch.Tensor, eig_floor: float = DEFAULT_EIG_FLOOR) -> Whitening:
+WHITENINGS = ("eigh", "cholesky")
+
+
+def whitening(gram: torch.Tensor, eig_floor: float = DEFAULT_EIG_FLOOR, method: str = "eigh") -> Whitening:
     g = gram.to(torch.float64)
     g = 0.5 * (g + g.T)  # accumulated sums are symmetric only up to rounding
+    if method == "cholesky":
+        return _cholesky_whitening(g, eig_floor)
+    if method != "eigh":
+        raise ValueError(f"unknown whitening {method!r}; use one of {', '.join(WHITENINGS)}")
     eigvals, Q = torch.linalg.eigh(g)
     top = eigvals.max().clamp(min=torch.finfo(torch.float64).tiny)
     floor = eig_floor * top
     clamped = int((eigvals < floor).sum())
     root = eigvals.clamp(min=floor).sqrt()
     return Whitening(S=Q * root, inverse=Q.T / root[:, None], clamped=clamped)
+
+
+def _cholesky_whitening(g: torch.Tensor, eig_floor: float) -> Whitening:
+    """S = L with L Lᵀ = G + δI (lower triangular), inverse = L⁻¹ by a triangular solve."""
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    delta = eig_floor * g.diagonal().max().clamp(min=torch.finfo(torch.float64).tiny)
+    for escalations in range(12):
+        L, info = torch.linalg.cholesky_ex(g + delta * eye)
+        if int(info) == 0:
+            inverse = torch.linalg.solve_triangular(L, eye, upper=False)
+            return Whitening(S=L, inverse=inverse, clamped=escalations)
+        delta = delta * 10
+    raise FloatingPointError("Gram matrix is not positive semi-definite even after damping by 1e+6 × its floor")
 
 
 SVD_SOLVERS = ("gram", "full", "randomized")

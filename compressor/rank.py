@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 SVDSolver = Literal["gram", "full", "randomized"]  # see compressor.linalg.truncated_svd
+Whitening = Literal["eigh", "cholesky"]  # see compressor.linalg.whitening
 
 
 class RankOptions(BaseModel):

@@ -138,7 +138,8 @@ def render_markdown(report: dict, plots=()) -> str:
     lines += [
         "",
         f"Targets: {t['targets']} ({t['compressed']} compressed, {t['skipped']} kept dense). "
-        f"Clamped Gram eigenvalues: {t['clamped_eigenvalues']}.",
+        f"Gram regularisation: {t['clamped_eigenvalues']} (clamped eigenvalues with eigh whitening, damping escalations "
+        "with cholesky).",
         "",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()),
         "",

@@ -40,11 +40,12 @@ class Stats:
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
 
-    def whitening(self, eig_floor: float = DEFAULT_EIG_FLOOR) -> Whitening:
-        """eigh-based whitening of the Gram, computed once per shared input (q/k/v, gate/up ask for the same)."""
-        if eig_floor not in self._whitening:
-            self._whitening[eig_floor] = whitening(self.gram, eig_floor)
-        return self._whitening[eig_floor]
+    def whitening(self, eig_floor: float = DEFAULT_EIG_FLOOR, method: str = "eigh") -> Whitening:
+        """Whitening of the Gram, computed once per shared input (q/k/v, gate/up ask for the same)."""
+        key = (eig_floor, method)
+        if key not in self._whitening:
+            self._whitening[key] = whitening(self.gram, eig_floor, method)
+        return self._whitening[key]
 
     def release_derived(self) -> None:
         """Drop cached whitenings (n×n fp64 each) once the input's readers are decomposed."""

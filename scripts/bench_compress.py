@@ -7,7 +7,8 @@ Rows (each on a fresh load of the same checkpoint, the same calibration windows,
   reference        scripts/reference_svd_llm.py: whole model in memory, a Gram per linear, Cholesky + inverse +
                    full SVD per matrix, dense inputs (the SVD-LLM repository's default structure);
   lrc dense-inputs the same maths through lrc (shared fp64-accumulated Grams, one eigh per input, batched SVD);
-  lrc              the built-in recipe as shipped (each layer calibrated on the compressed layers' outputs).
+  lrc              the built-in recipe as shipped (each layer calibrated on the compressed layers' outputs);
+  ... cholesky     the same with `whitening: cholesky` (damped Cholesky instead of a clamped eigh).
 Phases: load, compress (calibration forward + statistics + decomposition), save. Ratios are lrc / reference
 measured in this one run; on CPU only ratios are printed (absolute CPU seconds depend on what else runs), the
 JSON keeps the seconds. Perplexity after compression (bundled test split) checks the maths agree (±1%).
@@ -81,13 +82,22 @@ def main():
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default="bench-results/compress.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     overrides = (f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}")
     recipe = load_recipe("svd-llm-20", overrides)
-    dense_inputs = load_recipe("svd-llm-20", overrides + ("sequential.inputs=dense",))
-    dense_inputs = dense_inputs.model_copy(update={"name": "svd-llm-20-dense-inputs"})
+    variants = {
+        "lrc dense-inputs": ("sequential.inputs=dense",),
+        "lrc dense-inputs cholesky": ("sequential.inputs=dense", "whitening=cholesky"),
+        "lrc": (),
+        "lrc cholesky": ("whitening=cholesky",),
+    }
+    recipes = {label: load_recipe("svd-llm-20", overrides + extra).model_copy(
+        update={"name": label.replace(" ", "-")}) for label, extra in variants.items()}
     probe = api.load_model(args.model)
     batches, calib = api.calibration_data(probe.tokenizer, recipe)
     del probe
@@ -96,9 +106,8 @@ def main():
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        runs = [("reference", lambda: run_reference(args.model, batches, ratio, args.device, out)),
-                ("lrc dense-inputs", lambda: run_lrc(args.model, batches, dense_inputs, args.device, out)),
-                ("lrc", lambda: run_lrc(args.model, batches, recipe, args.device, out))]
+        runs = [("reference", lambda: run_reference(args.model, batches, ratio, args.device, out))] + [
+            (label, lambda r=r: run_lrc(args.model, batches, r, args.device, out)) for label, r in recipes.items()]
         for label, run in runs:
             row = run()
             model, tok = row.pop("model"), row.pop("tokenizer")

@@ -96,3 +96,39 @@ def test_chunked_fp32_gram_matches_fp64_to_single_precision():
     assert stats.whitening() is white  # computed once per shared input
     stats.release_derived()
     assert stats.whitening() is not white
+
+
+def test_cholesky_whitening_equals_eigh_on_a_well_conditioned_gram():
+    from compressor.linalg import whitening
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 30, generator=g, dtype=torch.float64) * torch.logspace(0, 1, 30, dtype=torch.float64)
+    G = X.T @ X
+    for method in ("eigh", "cholesky"):
+        w = whitening(G, method=method)
+        assert w.clamped == 0
+        assert torch.allclose(w.S @ w.S.T, G, rtol=1e-5, atol=1e-6 * G.diagonal().max())
+        assert torch.allclose(w.S @ w.inverse, torch.eye(30, dtype=torch.float64), atol=1e-9)
+    # Truncating W·S keeps the same output error whichever square root S is used (S_chol = S_eigh · orthogonal).
+    W = torch.randn(1, 20, 30, generator=g, dtype=torch.float64)
+    errors = []
+    for method in ("eigh", "cholesky"):
+        w = whitening(G, method=method)
+        U, s, Vh = truncated_svd(W @ w.S, 8)
+        W_hat = (U * s[..., None, :]) @ Vh @ w.inverse
+        errors.append(((W - W_hat) @ X.T).norm())
+    assert torch.isclose(errors[0], errors[1], rtol=1e-6)
+
+
+def test_cholesky_whitening_damps_a_rank_deficient_gram_and_counts_nothing_hidden():
+    from compressor.linalg import whitening
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(10, 40, generator=g, dtype=torch.float64)  # 10 tokens, 40 features: rank 10
+    w = whitening(X.T @ X, method="cholesky")
+    assert torch.isfinite(w.S).all() and torch.isfinite(w.inverse).all()
+    assert torch.allclose(w.S @ w.S.T, X.T @ X, atol=1e-4 * (X.T @ X).diagonal().max())
+    with pytest.raises(FloatingPointError, match="not positive semi-definite"):
+        whitening(-torch.eye(5, dtype=torch.float64), method="cholesky")
+    with pytest.raises(ValueError, match="unknown whitening"):
+        whitening(torch.eye(3, dtype=torch.float64), method="svd")

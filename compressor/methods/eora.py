@@ -21,7 +21,7 @@ from compressor.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.methods.rtn import rtn_quantize
-from compressor.rank import SVDSolver
+from compressor.rank import SVDSolver, Whitening
 from compressor.registry import register
 
 # Quantized bases: (w (m, n), options, stats) -> Quantized.
@@ -35,6 +35,7 @@ class EoRAOptions(GPTQOptions):
     rank: int = Field(64, gt=0, description="rank of the residual path (capped at min(m, n))")
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
     svd_solver: SVDSolver = Field("gram", description="gram (eigh of the smaller Gram, fp64), full, or randomized")
+    whitening: Whitening = Field("eigh", description="eigh (clamped eigenvalues) or cholesky (damped, faster)")
 
     @model_validator(mode="after")
     def _base_options(self):
@@ -46,7 +47,7 @@ class EoRAOptions(GPTQOptions):
 
 @register("eora", needs=("gram",), options=EoRAOptions, factorizes=False, summary="quantized base + whitened low-rank residual")
 def decompose(W: torch.Tensor, stats, options: EoRAOptions, rank=None) -> Decomposition:
-    white = stats.whitening(options.eig_floor)
+    white = stats.whitening(options.eig_floor, options.whitening)
     rank = min(options.rank, W.shape[-2], W.shape[-1])
     out = []
     for w in W:

@@ -12,23 +12,24 @@ from pydantic import Field
 
 from compressor.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd
-from compressor.rank import RankOptions
+from compressor.rank import RankOptions, Whitening
 from compressor.registry import register
 
 
 class SVDLLMOptions(RankOptions):
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1, description="eigenvalue clamp, relative to the largest")
+    whitening: Whitening = Field("eigh", description="eigh (clamped eigenvalues) or cholesky (damped, faster)")
 
 
 def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
     """Singular values of W·S: the tail's squares are the output error on the calibration inputs."""
-    return torch.linalg.svdvals(W.to(torch.float64) @ stats.whitening(options.eig_floor).S)
+    return torch.linalg.svdvals(W.to(torch.float64) @ stats.whitening(options.eig_floor, options.whitening).S)
 
 
 @register("svd-llm", needs=("gram",), options=SVDLLMOptions, factorizes=True, summary="whitened truncation-aware SVD",
           spectrum=spectrum)
 def decompose(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int) -> Decomposition:
-    white = stats.whitening(options.eig_floor)
+    white = stats.whitening(options.eig_floor, options.whitening)
     M = W.to(torch.float64) @ white.S
     U, s, Vh = truncated_svd(M, rank, options.svd_solver)
     B, A = split_factors(U, s, Vh)
