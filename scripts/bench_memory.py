@@ -26,55 +26,12 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import SHAPES, build_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+SHAPE = SHAPES["1b"]
 GB = 1024**3
-
-
-def build_checkpoint(folder: Path) -> Path:
-    """Random-weight Llama of SHAPE, written one shard per decoder layer (never the whole model in memory)."""
-    import shutil
-
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (folder / "model.safetensors.index.json").is_file():
-        return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = LlamaConfig(**SHAPE, dtype="bfloat16")
-    with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
-    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
-    groups: dict[str, list[str]] = {}
-    for name in shapes:
-        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
-        groups.setdefault(layer, []).append(name)
-    generator = torch.Generator().manual_seed(0)
-    weight_map, n = {}, len(groups)
-    for i, (group, names) in enumerate(groups.items()):
-        shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {}
-        for name in names:
-            shape = shapes[name]
-            t = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=generator) * 0.02
-            tensors[name] = t.to(torch.bfloat16)
-            weight_map[name] = shard
-        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-    total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(tmp)
-    demo = ROOT / "models" / "lrc-demo-llama"
-    for file in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer: ids < 1024 are valid here
-        shutil.copy(demo / file, tmp / file)
-    tmp.rename(folder)
-    return folder
 
 
 class MemoryCgroup:
@@ -132,7 +89,7 @@ def main():
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    folder = build_checkpoint(Path(args.checkpoint))
+    folder = build_checkpoint(Path(args.checkpoint), SHAPE)
     build_seconds = time.perf_counter() - t0
     on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     h, inter, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["hidden_size"] // 8
