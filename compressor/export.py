@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, _apply_umask, _check_destination, _move_into_place, load_compressed
+from compressor.io import CONFIG_NAME, _check_destination, atomic_output_dir, load_compressed
 from compressor.modules import COMPRESSED_MODULES
 
 # Tokenizer and chat-template files of a checkpoint directory, copied verbatim.
@@ -66,28 +65,28 @@ def export_dense(src, out_dir, *, overwrite: bool = False, max_shard_size: int |
     _check_destination(out_dir, overwrite)
     model = load_compressed(src)  # UserError when src is not an lrc checkpoint
     count = densify(model)
-    # The model no longer holds lrc modules: detach the quantizer so save_pretrained writes a plain checkpoint.
+    detach_lrc_quantizer(model)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        config_file = tmp / CONFIG_NAME
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.pop("quantization_config", None) is not None:  # belt and braces: never a half-lrc config
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        copy_tokenizer_files(src, tmp)
+    return out_dir, count
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def detach_lrc_quantizer(model: nn.Module) -> None:
+    """The model no longer holds lrc modules: save_pretrained must not write lrc's quantization_config."""
     model.hf_quantizer = None
     for attr in ("is_quantized", "quantization_method"):
         if attr in vars(model):
             delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        config_file = tmp / CONFIG_NAME
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        if config.pop("quantization_config", None) is not None:  # belt and braces: never a half-lrc config
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        _apply_umask(tmp)
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir, count

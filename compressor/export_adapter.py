@@ -53,8 +53,6 @@ place when complete, removed on any error.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +62,8 @@ from torch import nn
 
 from compressor import quant
 from compressor.errors import UserError
-from compressor.export import TOKENIZER_FILES
-from compressor.io import (CONFIG_NAME, _apply_umask, _check_destination, _move_into_place, load_compressed,
-                           read_quantization_config)
+from compressor.export import copy_tokenizer_files, detach_lrc_quantizer
+from compressor.io import CONFIG_NAME, _check_destination, atomic_output_dir, load_compressed, read_quantization_config
 from compressor.modules import QuantLinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -189,16 +186,6 @@ def _write_adapter(folder: Path, lora: dict[str, torch.Tensor], ranks: dict[str,
     save_file(lora, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
-def _detach_lrc_quantizer(model: nn.Module) -> None:
-    """The model no longer holds lrc modules: save_pretrained must not write lrc's quantization_config."""
-    model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def export_quantized_with_adapter(src, dst, *, overwrite: bool = False,
                                   max_shard_size: int | str = "2GB") -> AdapterExport:
     """Write `dst/base/` (compressed-tensors, pack-quantized) and `dst/adapter/` (PEFT LoRA: the EoRA residuals)
@@ -229,24 +216,14 @@ def export_quantized_with_adapter(src, dst, *, overwrite: bool = False,
         setattr(model.get_submodule(parent) if parent else model, child, _pack_module(module, args, zero, dtype))
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     compressor = ModelCompressor(quantization_config=_config_groups(schemes, linears))
-    _detach_lrc_quantizer(model)
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
+    detach_lrc_quantizer(model)
+    with atomic_output_dir(dst, overwrite) as tmp:
         (tmp / "base").mkdir()
         model.save_pretrained(tmp / "base", max_shard_size=max_shard_size)
         compressor.update_config(tmp / "base")  # the library writes its own quantization_config
         _dequantize_on_load(tmp / "base" / CONFIG_NAME)
-        for file in TOKENIZER_FILES:
-            if (src / file).is_file():
-                shutil.copyfile(src / file, tmp / "base" / file)
+        copy_tokenizer_files(src, tmp / "base")
         if ranks:
             _write_adapter(tmp / "adapter", lora, ranks, dst.resolve() / "base")
-        _apply_umask(tmp)
-        _move_into_place(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return AdapterExport(path=dst, base=dst / "base", adapter=dst / "adapter" if ranks else None,
                          quantized=len(schemes), residuals=len(ranks))

@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from torch import nn
 
@@ -57,23 +58,21 @@ def save_compressed(
             raise ValueError(f"extra file name {name!r} must be a plain file name (or plots/NAME) that is not a "
                              "checkpoint file")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         _write_quantization_config(model, tmp / CONFIG_NAME, table, method, recipe_name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in extra_files.items():  # callables last-minute: a report can include the save time
-            content = content() if callable(content) else content
-            (tmp / name).parent.mkdir(exist_ok=True)
-            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-        _apply_umask(tmp)
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_extra_files(tmp, extra_files)
     return out_dir
+
+
+def write_extra_files(folder: Path, files: dict) -> None:
+    """name -> str | bytes | callable returning one (called last-minute: a report can include the save time)."""
+    for name, content in files.items():
+        content = content() if callable(content) else content
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
 
 def load_compressed(path, *, dtype=None, device=None):
@@ -175,6 +174,22 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
     # --overwrite replaces a previous checkpoint, never an arbitrary folder (a typo must not delete $HOME).
     if any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file():
         raise UserError(f"refusing to overwrite {out_dir}: it is not empty and holds no model checkpoint")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temporary directory next to `out_dir`; on success it becomes `out_dir` (replacing an old
+    checkpoint with `overwrite`), on any error it is removed: nothing half-written is ever left behind."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
+        _apply_umask(tmp)
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _apply_umask(folder: Path) -> None:

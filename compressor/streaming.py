@@ -25,8 +25,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +35,8 @@ from torch import nn
 
 from compressor import api, hf_integration
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, _apply_umask, _check_destination, _move_into_place, _module_table
-from compressor.io import _write_quantization_config
+from compressor.io import CONFIG_NAME, _check_destination, _module_table, _write_quantization_config
+from compressor.io import atomic_output_dir, write_extra_files
 from compressor.recipe import load_recipe
 from compressor.report import count_parameters, state_bytes
 from compressor.targets import find_decoder_layers
@@ -210,9 +208,7 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
     before = (count_parameters(model), state_bytes(model, storage))
     if batches is None:
         batches, calibration_info = api.calibration_data(tok, recipe, calib)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         compute = next(model.get_input_embeddings().parameters()).dtype
         lazy = LazyLayers(model, files, path, n_layers, compute, storage, tmp)
         result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
@@ -220,11 +216,6 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
         result.timings["load"] = load_seconds + lazy.seconds["load"]
         result.calibration = calibration_info or {}
         _finish(model, result, lazy, tmp, tok, storage, report_fn and (lambda r, m: report_fn(r, m, storage, before)))
-        _apply_umask(tmp)
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result, out
 
 
@@ -251,7 +242,5 @@ def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, repo
     if report_fn is not None:
         report, report_md, files = report_fn(result, model)
         extra.update({"report.json": json.dumps(report, indent=2), "report.md": report_md, **files})
-    for name, content in extra.items():
-        (tmp / name).parent.mkdir(exist_ok=True)
-        (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    write_extra_files(tmp, extra)
 

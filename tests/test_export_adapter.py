@@ -19,24 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from compressor.cli import app
+from tests.helpers import one_error_line, run
+from tests.helpers import word_tokenizer as _tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 IDS = [[1, 5, 9, 200, 17, 3, 250, 42, 7, 8, 99, 100], [0, 255, 128, 64, 32, 16, 8, 4, 2, 1, 77, 66]]
 TOLERANCE = 1e-5  # fp32; measured 0.0
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
 def _lrc_output(root: Path, tiny_model, calib_ids, recipe: str, overrides=()) -> Path:
@@ -47,16 +38,6 @@ def _lrc_output(root: Path, tiny_model, calib_ids, recipe: str, overrides=()) ->
     result = compress(tiny_model("llama"), load_recipe(recipe, list(overrides)), batches=calib_ids())
     result.save(out, tokenizer=_tokenizer())
     return out
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, text: str):
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert text in result.stderr, result.stderr
 
 
 def hidden(folder: Path) -> list[str]:

@@ -15,23 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from compressor.cli import app
+from tests.helpers import one_error_line, run
+from tests.helpers import word_tokenizer as _tokenizer
 
 PPL = {"before": 12.5, "after": 13.25, "data": "bundled test.txt", "seqlen": 32, "windows": 2, "tokens_scored": 62}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 IDS = [[1, 5, 9, 200, 17, 3, 250, 42, 7, 8, 99, 100], [0, 255, 128, 64, 32, 16, 8, 4, 2, 1, 77, 66]]
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +43,6 @@ def lrc_out(tmp_path_factory, tiny_model) -> Path:
     report["perplexity"] = dict(PPL)
     result.save(out, tokenizer=_tokenizer(), report=report, report_md=render_markdown)
     return out
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, text: str):
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert text in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------- plots and `lrc report`
