@@ -183,7 +183,7 @@ def main():
         table.add_row(*cells)
     where = gpu or f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     table.caption = f"{where}; torch {torch.__version__}; {date.today()}"
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({

@@ -130,7 +130,7 @@ def _reference_whitened(W, gram, rank):
     return U[:, :rank] * root, (root[:, None] * Vh[:rank]) @ L_inv
 
 
-def _lrc_whitened(weights, inputs, grams, ranks):
+def _lrc_whitened(weights, inputs, grams, ranks, whitening="eigh"):
     """compressor.apply's grouping: per shared input one Stats (one eigh), same-shape readers in one call."""
     out = {}
     for source, gram in grams.items():
@@ -138,7 +138,7 @@ def _lrc_whitened(weights, inputs, grams, ranks):
         readers = {name: W for name, W in weights.items() if inputs[name] == source}
         for (_, _, rank), names in _stacked(readers, ranks).items():
             W = torch.stack([readers[n] for n in names])
-            result = svd_llm_decompose(W, stats, SVDLLMOptions(rank=rank, svd_solver="gram"), rank)
+            result = svd_llm_decompose(W, stats, SVDLLMOptions(rank=rank, svd_solver="gram", whitening=whitening), rank)
             out.update({name: (f.B, f.A) for name, f in zip(names, result.factors)})
     return out
 
@@ -189,6 +189,7 @@ def build_rows(hidden, inter, kv, layers=1, device="cpu", *, param_ratio=0.8, ra
         ("whitened", "loop chol+inv+svd (ref)",
          lambda: {n: _reference_whitened(W, grams[inputs[n]], ranks[n]) for n, W in weights.items()}),
         ("whitened", "lrc eigh/input + gram", lambda: _lrc_whitened(weights, inputs, grams, ranks)),
+        ("whitened", "lrc cholesky/input + gram", lambda: _lrc_whitened(weights, inputs, grams, ranks, "cholesky")),
     ]
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     rows = []
@@ -251,7 +252,7 @@ def main():
         if gpu:
             cells.append(f"{row['seconds']:.3f}")
         table.add_row(*cells, f"{row['error_ratio_max']:.4f}")
-    Console().print(table)
+    Console(width=max(Console().width, 100)).print(table)
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({

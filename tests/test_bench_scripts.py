@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("options", [dict(param_ratio=0.8), dict(rank_fraction=0.125)])
 def test_bench_svd_rows_are_optimal_except_randomized(options):
     rows = build_rows(32, 80, 16, layers=2, repeats=1, **options)
-    assert [r["block"] for r in rows] == ["plain"] * 5 + ["whitened"] * 2
+    assert [r["block"] for r in rows] == ["plain"] * 5 + ["whitened"] * 3
     for row in rows:
         assert row["error_ratio_min"] >= 0.999, row["label"]  # nothing beats Eckart–Young
         if "randomized" not in row["label"]:
