@@ -114,7 +114,9 @@ def compress_checkpoint(
         t0 = time.perf_counter()
         ppl_before = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "before")
         timings["eval_before"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
+    timings["calibration_data"] = time.perf_counter() - t0
     n_layers = len(find_decoder_layers(model)[1])
     with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
         result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=loaded.storage_dtype,
@@ -143,6 +145,7 @@ def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype,
     from compressor.streaming import compress_streaming, load_skeleton
 
     def report_fn(result, model, storage, before):
+        result.timings["calibration_data"] = calibration_seconds
         report = build_report(
             result, model_source=model_name, params_before=before[0], params_after=count_parameters(model),
             bytes_before=before[1], bytes_after=state_bytes(model, storage), timings=result.timings, device=device,
@@ -154,7 +157,9 @@ def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype,
     skeleton = load_skeleton(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     model, tok, n_layers = skeleton[0], skeleton[1], skeleton[5]
     select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
+    t0 = time.perf_counter()
     batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
+    calibration_seconds = time.perf_counter() - t0
     with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
         result, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
                                           overwrite=overwrite, trust_remote_code=trust_remote_code,

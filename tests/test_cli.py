@@ -141,6 +141,10 @@ def test_report_json(compressed):
     removed = totals["model_params_before"] - totals["model_params_after"]
     assert removed == totals["target_params_before"] - totals["target_params_after"]
     assert 0.19 < removed / totals["target_params_before"] < 0.22  # 20% asked; ranks round down
+    phases = report["timings_seconds"]  # every phase the issue names, the save included (written after it)
+    assert {"load", "calibration_data", "statistics", "decomposition", "save", "eval_before", "eval_after"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and phases["compress_total"] >= phases["decomposition"]
+    assert report["peak_memory"]["cpu_peak_rss_bytes"] > 50 * 2**20
 
 
 def test_eval_of_the_output_reproduces_the_reported_perplexity(compressed):
