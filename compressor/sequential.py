@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressor.stats import StatsCollector
-from compressor.targets import find_decoder_layers
+from compressor.targets import find_decoder_layers, layers_detached
 
 
 class _Captured(Exception):
@@ -105,7 +105,7 @@ def run_sequential(
     was_training = model.training
     model.eval()
     # Everything but the decoder layers (embeddings, rotary tables, final norm) goes to the device now.
-    _move_all_but_layers(model, path, layers, device)
+    _move_all_but_layers(model, device)
     if layer_io is None:
         for layer in layers:
             layer.to(offload)
@@ -135,15 +135,10 @@ def run_sequential(
         if progress is not None:
             progress(index)
     # The embeddings and head follow the layers back: one place for the whole model.
-    _move_all_but_layers(model, path, layers, offload)
+    _move_all_but_layers(model, offload)
     model.train(was_training)
 
 
-def _move_all_but_layers(model: nn.Module, path: str, layers: nn.ModuleList, device) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, attr, nn.ModuleList())
-    try:  # parts released to the meta device (compressor/streaming.py) stay there
+def _move_all_but_layers(model: nn.Module, device) -> None:
+    with layers_detached(model):  # parts released to the meta device (compressor/streaming.py) stay there
         model._apply(lambda t: t if t.is_meta else t.to(device))
-    finally:
-        setattr(parent, attr, layers)

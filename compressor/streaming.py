@@ -39,7 +39,7 @@ from compressor.io import CONFIG_NAME, _check_destination, _module_table, _write
 from compressor.io import atomic_output_dir, write_extra_files
 from compressor.recipe import load_recipe
 from compressor.report import count_parameters, state_bytes
-from compressor.targets import find_decoder_layers
+from compressor.targets import find_decoder_layers, layers_detached
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -90,10 +90,10 @@ class LazyLayers:
     """The runner's `layer_io`: loads decoder layer i from the checkpoint, writes it to shard i when done."""
 
     def __init__(self, model: nn.Module, files: CheckpointFiles, layers_path: str, n_layers: int, dtype: torch.dtype,
-                 storage_dtype: torch.dtype, out_dir: Path | None):
+                 storage_dtype: torch.dtype, out_dir: Path):
         self.model, self.files, self.path, self.n = model, files, layers_path, n_layers
         self.dtype, self.storage = dtype, storage_dtype
-        self.out_dir = out_dir  # None: read-only pass (nothing is written)
+        self.out_dir = out_dir
         self.weight_map: dict[str, str] = {}
         self.seconds = {"load": 0.0, "save": 0.0}
 
@@ -111,11 +111,10 @@ class LazyLayers:
         self.seconds["load"] += time.perf_counter() - t0
 
     def done(self, index: int, layer: nn.Module) -> None:
-        if self.out_dir is not None:
-            t0 = time.perf_counter()
-            layer.to(self.storage)  # compressed modules keep their own dtypes for scales and codes
-            self.write(index, {f"{self.path}.{index}.{k}": v for k, v in layer.state_dict().items()})
-            self.seconds["save"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        layer.to(self.storage)  # compressed modules keep their own dtypes for scales and codes
+        self.write(index, {f"{self.path}.{index}.{k}": v for k, v in layer.state_dict().items()})
+        self.seconds["save"] += time.perf_counter() - t0
         layer.to("meta")
         release_freed_memory()
 
@@ -174,16 +173,10 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=compute, trust_remote_code=trust_remote_code)
     model.eval()
-    path, layers = find_decoder_layers(model)
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
     # A tied head is not in the checkpoint (only the embedding it shares): skip it, re-tie after loading.
     tied = {k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k not in files.files}
-    setattr(parent, attr, nn.ModuleList())  # everything but the layers: read now
-    try:
+    with layers_detached(model) as (path, layers):  # everything but the layers: read now
         _materialize(model, "", files, compute, skip=tied)
-    finally:
-        setattr(parent, attr, layers)
     if tied:
         model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -25,6 +26,20 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not candidates:
         raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
     return max(candidates, key=lambda item: len(item[1]))
+
+
+@contextmanager
+def layers_detached(model: nn.Module):
+    """Inside the block the model has an empty decoder-layer list: whole-model operations (`.to`, state_dict,
+    loading) touch only the embeddings, norms and head. Yields (path, layers)."""
+    path, layers = find_decoder_layers(model)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        yield path, layers
+    finally:
+        setattr(parent, attr, layers)
 
 
 def _matches(pattern: str, full: str, local: str) -> bool:
