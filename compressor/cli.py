@@ -157,7 +157,7 @@ def recipes_show(name):
 
 @app.command()
 @click.option("--output", "-o", default=None, type=click.Path(), help="keep the compressed models here")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="compute device (cpu, cuda, cuda:1)")
 def demo(output, device):
     """Compress the shipped demo model with svd-20, svd-llm-20, rtn-4bit and eora-4bit; print a table."""
     from compressor.demo import run_demo

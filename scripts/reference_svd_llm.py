@@ -53,7 +53,7 @@ def _cholesky(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return torch.linalg.cholesky(g), False
     except RuntimeError:
         smallest = torch.linalg.eigvalsh(g)[0]
-        g = g + (-smallest + 1e-6) * torch.eye(g.shape[0], dtype=g.dtype)
+        g = g + (-smallest + 1e-6) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         return torch.linalg.cholesky(g), True
 
 
