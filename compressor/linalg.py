@@ -10,8 +10,10 @@ counted and reported, never hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import torch
+from pydantic import Field
 
 DEFAULT_EIG_FLOOR = 1e-6  # relative to the largest eigenvalue
 
@@ -25,7 +27,9 @@ class Whitening:
     clamped: int
 
 
-WHITENINGS = ("eigh", "cholesky")
+WhiteningMethod = Annotated[Literal["eigh", "cholesky"],
+                            Field(description="eigh (clamped eigenvalues) or cholesky (damped, faster)")]
+WHITENINGS = get_args(get_args(WhiteningMethod)[0])
 
 
 def whitening(gram: torch.Tensor, eig_floor: float = DEFAULT_EIG_FLOOR, method: str = "eigh") -> Whitening:
@@ -56,7 +60,9 @@ def _cholesky_whitening(g: torch.Tensor, eig_floor: float) -> Whitening:
     raise FloatingPointError("Gram matrix is not positive semi-definite even after damping by 1e+6 × its floor")
 
 
-SVD_SOLVERS = ("gram", "full", "randomized")
+SVDSolver = Annotated[Literal["gram", "full", "randomized"],
+                      Field(description="gram (eigh of the smaller Gram, fp64), full, or randomized")]
+SVD_SOLVERS = get_args(get_args(SVDSolver)[0])
 
 
 def truncated_svd(M: torch.Tensor, rank: int, solver: str = "gram", *, oversample: int = 16, power_iters: int = 2):

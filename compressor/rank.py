@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compressor.linalg import SVDSolver
 
-SVDSolver = Literal["gram", "full", "randomized"]  # see compressor.linalg.truncated_svd
-Whitening = Literal["eigh", "cholesky"]  # see compressor.linalg.whitening
+
 
 
 class RankOptions(BaseModel):
@@ -28,7 +28,7 @@ class RankOptions(BaseModel):
     param_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="fraction of each target's parameters to keep (0.8 = 20% removed)"
     )
-    svd_solver: SVDSolver = Field("gram", description="gram (eigh of the smaller Gram, fp64), full, or randomized")
+    svd_solver: SVDSolver = "gram"  # see compressor.linalg.truncated_svd
 
     @model_validator(mode="after")
     def _exactly_one(self):

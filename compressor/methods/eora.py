@@ -18,10 +18,9 @@ import torch
 from pydantic import Field, model_validator
 
 from compressor.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd
+from compressor.linalg import DEFAULT_EIG_FLOOR, SVDSolver, WhiteningMethod, split_factors, truncated_svd
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.methods.rtn import rtn_quantize
-from compressor.rank import SVDSolver, Whitening
 from compressor.registry import register
 
 # Quantized bases: (w (m, n), options, stats) -> Quantized.
@@ -34,8 +33,8 @@ class EoRAOptions(GPTQOptions):
     base: BaseName = "rtn"
     rank: int = Field(64, gt=0, description="rank of the residual path (capped at min(m, n))")
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
-    svd_solver: SVDSolver = Field("gram", description="gram (eigh of the smaller Gram, fp64), full, or randomized")
-    whitening: Whitening = Field("eigh", description="eigh (clamped eigenvalues) or cholesky (damped, faster)")
+    svd_solver: SVDSolver = "gram"
+    whitening: WhiteningMethod = "eigh"
 
     @model_validator(mode="after")
     def _base_options(self):

@@ -11,14 +11,14 @@ import torch
 from pydantic import Field
 
 from compressor.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, split_factors, truncated_svd
-from compressor.rank import RankOptions, Whitening
+from compressor.linalg import DEFAULT_EIG_FLOOR, WhiteningMethod, split_factors, truncated_svd
+from compressor.rank import RankOptions
 from compressor.registry import register
 
 
 class SVDLLMOptions(RankOptions):
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1, description="eigenvalue clamp, relative to the largest")
-    whitening: Whitening = Field("eigh", description="eigh (clamped eigenvalues) or cholesky (damped, faster)")
+    whitening: WhiteningMethod = "eigh"
 
 
 def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
