@@ -39,8 +39,8 @@ Exactness (tests/test_export_adapter.py for fp32; bf16 and fp16 measured by hand
 loaded base's weights equal lrc's `dequantized_weight()` cast to the model dtype (what QuantLinear.forward
 uses) bit for bit. fp32 and fp16 always: an fp16 scale is exact in both, and (q − z)·s is rounded to the model
 dtype once on both sides. bf16: compressed-tensors keeps the scales in the weight dtype, so an fp16 scale that
-bf16 cannot represent would be rounded (≤ 2^-9 relative); lrc's bf16 checkpoints hold bf16-representable scales
-today (QuantLinear._apply round-trips them through bf16 when the model is cast), so they export exactly too.
+bf16 cannot represent is rounded (≤ 2^-9 relative): lrc keeps its fp16 scales exact when a model is cast to
+bf16 (QuantLinear._apply), so a bf16 base can differ from lrc's weights by that rounding (not tested; fp32 is).
 PEFT adds lora_B(lora_A x)·1.0 after the base linear, as QuantLinear.forward does: fp32 logits are identical
 (max |Δ| = 0.0). On a half-precision model PEFT's default `autocast_adapter_dtype=True` runs the adapter in fp32,
 which moves the logits by about one half-precision ulp (3.9e-3 bf16, 4.9e-4 fp16 on logits of ~0.6); with
