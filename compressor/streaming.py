@@ -27,6 +27,7 @@ import gc
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -156,8 +157,16 @@ def _local_checkpoint(name_or_path: str) -> Path:
         raise UserError(f"cannot download '{name_or_path}': {str(exc).splitlines()[0]}") from None
 
 
-def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code=False):
-    """(model on the meta device except its non-layer parts, tokenizer, CheckpointFiles, storage dtype)."""
+class Skeleton(NamedTuple):
+    model: nn.Module  # on the meta device except its non-layer parts
+    tokenizer: object
+    files: CheckpointFiles
+    storage_dtype: torch.dtype
+    layers_path: str
+    n_layers: int
+
+
+def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu", trust_remote_code=False) -> Skeleton:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -180,7 +189,7 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
     if tied:
         model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    return model, tokenizer, files, storage, path, len(layers)
+    return Skeleton(model, tokenizer, files, storage, path, len(layers))
 
 
 def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None, batches=None, device="cpu",

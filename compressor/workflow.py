@@ -155,12 +155,11 @@ def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype,
         return report, render_markdown(report, plots=list(plots)), plots
 
     skeleton = load_skeleton(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    model, tok, n_layers = skeleton[0], skeleton[1], skeleton[5]
-    select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
+    select_targets(skeleton.model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails early
     t0 = time.perf_counter()
-    batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
+    batches, calib_info = api.calibration_data(skeleton.tokenizer, recipe, loaded_texts=calib_texts)
     calibration_seconds = time.perf_counter() - t0
-    with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
+    with layer_progress(f"{recipe.name}: layers", skeleton.n_layers, show_progress) as advance:
         result, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
                                           overwrite=overwrite, trust_remote_code=trust_remote_code,
                                           progress=advance, report_fn=report_fn, calibration_info=calib_info,

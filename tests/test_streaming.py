@@ -93,10 +93,10 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_i
 
     def observing_skeleton(*args, **kwargs):
         out = original_skeleton(*args, **kwargs)
-        layer_model.append(out[0])
-        _, layers = streaming.find_decoder_layers(out[0])
+        layer_model.append(out.model)
+        _, layers = streaming.find_decoder_layers(out.model)
         assert all(p.is_meta for p in layers.parameters())  # nothing of the layers read up front
-        assert not any(p.is_meta for p in out[0].model.embed_tokens.parameters())
+        assert not any(p.is_meta for p in out.model.model.embed_tokens.parameters())
         return out
 
     monkeypatch.setattr(streaming.LazyLayers, "load", observing_load)
