@@ -300,8 +300,8 @@ def compress(
 def _check_streamable(recipe: Recipe, method, statistics) -> None:
     """What needs more than one decoder layer's weights at a time cannot stream (yet): say so, before any work."""
     if "fisher" in method.needs:
-        raise UserError(f"method '{method.name}' needs a backward pass through the whole model; it cannot run with "
-                        "--low-memory")
+        raise UserError(f"method '{method.name}' needs a Fisher pass that revisits every decoder layer for each "
+                        "calibration chunk; --low-memory reads the checkpoint once, so it cannot run them together")
     if recipe.allocation != "uniform":
         raise UserError(f"allocation '{recipe.allocation}' needs every layer's spectrum before the first is "
                         "compressed; it cannot run with --low-memory (use allocation uniform)")

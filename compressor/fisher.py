@@ -1,27 +1,28 @@
-"""Diagonal Fisher information of the targeted weights: squared gradients of the LM loss (for `fwsvd`).
+"""Diagonal Fisher information of the targeted weights: per-sample squared gradients of the LM loss (for `fwsvd`).
 
     fisher = collect_fisher(model, batches, ["model.layers.0.mlp.up_proj", ...], device="cuda", batch_size=8)
-    fisher["model.layers.0.mlp.up_proj"].out   # (m,) fp64: Σ_batches Σ_j (∂L/∂W_ij)²  (one per output row)
-    fisher["model.layers.0.mlp.up_proj"].in_   # (n,) fp64: Σ_batches Σ_i (∂L/∂W_ij)²  (one per input column)
+    fisher["model.layers.0.mlp.up_proj"].out   # (m,) fp64: Σ_samples Σ_j (∂L_s/∂W_ij)²  (one per output row)
+    fisher["model.layers.0.mlp.up_proj"].in_   # (n,) fp64: Σ_samples Σ_i (∂L_s/∂W_ij)²  (one per input column)
 
-I_ij ≈ Σ_b (∂L_b/∂W_ij)², L_b the mean next-token cross-entropy of calibration chunk b
-(`model(input_ids=chunk, labels=chunk).loss`, `batch_size` windows per chunk). This is the empirical Fisher of
-Hsu et al. (2022) taken per chunk, not per sample, so its value depends on `batch_size` (its overall scale
-does not matter to fwsvd, which is invariant to scaling the importance). Both axis sums are collected — they
-cost m + n numbers per module, nothing next to the gradient itself — so `fwsvd`'s `axis` option can pick
-either without a second backward pass, and the pipeline never needs to read a method's options.
+I_ij ≈ Σ_s (∂L_s/∂W_ij)², L_s the mean next-token cross-entropy of calibration window s: the empirical Fisher
+of Hsu et al. (2022) with one gradient per sample, so it does not depend on `batch_size` (which only sets how
+many windows share a forward pass). A per-sample gradient is never formed by autograd: for a linear y = W x,
+∂L_s/∂W = Σ_t δ_t x_tᵀ over the tokens t of window s (δ = ∂L/∂y), computed from the layer's input and output
+gradient that hooks see, one window at a time — the same FLOPs as the weight gradient itself. Both axis sums
+are kept (m + n numbers per module), so `fwsvd`'s `axis` option picks either without a second pass.
 
-Lifecycle: freeze every parameter but the targeted weights → model on `device`, eval mode (no dropout) →
-per chunk: forward + backward; a post-accumulate-grad hook on each targeted weight folds its gradient into the
-two fp64 sums and frees it at once (`p.grad = None`) → afterwards the hooks are removed, `requires_grad`, the
-training mode and the model's device are restored, and no `.grad` is left anywhere.
-
-Memory plan (the honest limitation): this runs the WHOLE model forward and backward on `device`, unlike the
-layer-by-layer statistics pass. Peak ≈ the weights + the autograd activations of one chunk (about what
-training with batch `batch_size` needs, without optimizer state) + the gradient of the largest single weight
-(each is reduced and freed as soon as it is complete, so gradients never pile up for the whole model) + the
-fp64 sums (m + n per module). Lower `batch_size` to fit; a layer-wise backward (keeping only one decoder layer
-on the device and streaming the activations' gradients backwards) is future work.
+Memory plan: layer by layer, like the statistics pass, so models larger than the device work. Per chunk of
+`batch_size` windows:
+  1. forward without autograd through the decoder layers, one layer on `device` at a time, keeping each layer's
+     input hidden states for the chunk on the layers' home device (CPU when offloaded): L × batch × seqlen × hidden;
+  2. the head (final norm, lm_head, loss) on the last hidden states, one window at a time (one window's logits in
+     fp32 on the device), backward to the last hidden states;
+  3. for each layer from the last to the first: move it to `device`, recompute its forward from the kept input with
+     autograd on, backward with the output gradient from the layer above; hooks fold the per-sample Fisher of its
+     targets; the input gradient goes down to the next layer.
+Peak on the device ≈ the non-layer weights (embeddings, head) + one decoder layer + one layer's autograd activations
+for a chunk + one window's logits. No parameter ever gets a `.grad`; every parameter's `requires_grad`, the training
+mode and the devices are restored afterwards.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from compressor.sequential import capture_layer_inputs, hidden_of, layer_output, move, move_all_but_layers, with_hidden
+from compressor.targets import find_decoder_layers
 
 
 class FisherDiag(NamedTuple):
@@ -39,52 +44,137 @@ class FisherDiag(NamedTuple):
     in_: torch.Tensor  # (n,): summed over output rows
 
 
+class _Inject(nn.Module):
+    """Stands in for a decoder layer and returns fixed hidden states, so the model's own forward computes its head
+    (final norm, lm_head, any logit transform) on them: no per-architecture code for what follows the layers."""
+
+    def __init__(self, layer: nn.Module, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.layer, self.hidden, self.as_tuple = layer, hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+    def __getattr__(self, name):  # decoder loops may read attributes of a layer (e.g. its attention type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+
+def _per_sample_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Σ over windows of each window's mean next-token cross-entropy (= HF's `.loss` of a one-window batch)."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return nll.view(ids.shape[0], -1).mean(1).sum()
+
+
+def _head_gradient(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool):
+    """∂(Σ_s L_s)/∂hidden for the last decoder layer's output `hidden`, computed one window at a time."""
+    leaf = hidden.detach().requires_grad_(True)
+    originals = list(layers)
+    try:
+        for s in range(ids.shape[0]):
+            for i, layer in enumerate(originals):
+                layers[i] = _Inject(layer, leaf[s : s + 1], as_tuple)
+            logits = model(input_ids=ids[s : s + 1], use_cache=False).logits
+            _per_sample_loss(logits, ids[s : s + 1]).backward()
+            del logits
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return leaf.grad
+
+
+def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.Tensor]]) -> list:
+    def hook(name):
+        def forward_hook(module, args, output):
+            if not output.requires_grad:
+                return  # the loss does not depend on this call's output
+            x = args[0].detach()
+            if x.dim() < 3:
+                raise ValueError(f"{name}: per-sample Fisher needs (batch, tokens, features) inputs, got {tuple(x.shape)}")
+
+            def fold(grad):
+                xs = x.reshape(x.shape[0], -1, x.shape[-1]).float()
+                gs = grad.reshape(grad.shape[0], -1, grad.shape[-1]).float()
+                for g_s, x_s in zip(gs, xs):  # one window at a time: (m, n) per-sample gradient, squared
+                    sq = (g_s.T @ x_s).square_()
+                    sums[name][0].add_(sq.sum(1, dtype=torch.float64))
+                    sums[name][1].add_(sq.sum(0, dtype=torch.float64))
+
+            output.register_hook(fold)
+
+        return forward_hook
+
+    return [module.register_forward_hook(hook(name)) for name, module in layer_targets.items()]
+
+
 def collect_fisher(
     model: nn.Module, batches: torch.Tensor, target_names, *, device="cpu", batch_size: int = 8
 ) -> dict[str, FisherDiag]:
-    """Squared LM-loss gradients of the weights of `target_names` (nn.Linear names), summed over chunks of
-    `batch_size` rows of `batches` (token ids, nsamples × seqlen). The model is returned unchanged."""
+    """Per-sample squared LM-loss gradients of the weights of `target_names` (nn.Linear names in the decoder
+    layers), over the rows of `batches` (token ids, nsamples × seqlen). The model is returned unchanged."""
     names = list(dict.fromkeys(target_names))
-    weights = {name: model.get_submodule(name).weight for name in names}
+    _, layers = find_decoder_layers(model)
+    per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
+    owners = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    for name in names:
+        module = model.get_submodule(name)
+        if id(module) not in owners:
+            raise ValueError(f"{name} is not inside a decoder layer; the Fisher pass covers decoder linears only")
+        per_layer[owners[id(module)]][name] = module
+    sums = {name: [torch.zeros(m.weight.shape[0], dtype=torch.float64, device=device),
+                   torch.zeros(m.weight.shape[1], dtype=torch.float64, device=device)]
+            for targets in per_layer for name, m in targets.items()}
+
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    grads_before = [p.grad for p in params]
     was_training = model.training
-    home = next(iter(params)).device
-    sums = {name: [torch.zeros(w.shape[0], dtype=torch.float64, device=device),
-                   torch.zeros(w.shape[1], dtype=torch.float64, device=device)] for name, w in weights.items()}
-    handles = []
-
-    def fold(name):
-        def hook(p):
-            g = p.grad.to(torch.float32).square_()
-            sums[name][0].add_(g.sum(1, dtype=torch.float64))
-            sums[name][1].add_(g.sum(0, dtype=torch.float64))
-            p.grad = None  # reduced: free it before the next weight's gradient arrives
-
-        return hook
-
+    homes = [next(layer.parameters()).device for layer in layers]
+    home = next(p for p in params).device
     try:
         for p in params:
             p.requires_grad_(False)
-            p.grad = None
-        for name, w in weights.items():
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(fold(name)))
-        model.to(device)
         model.eval()
-        with torch.enable_grad():
-            for start in range(0, batches.shape[0], batch_size):
-                chunk = batches[start : start + batch_size].to(device)
-                loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
-                loss.backward()
-                del loss
+        move_all_but_layers(model, device)
+        for start in range(0, batches.shape[0], batch_size):
+            ids = batches[start : start + batch_size].to(device)
+            _fisher_of_chunk(model, layers, homes, per_layer, sums, ids, device)
     finally:
-        for handle in handles:
-            handle.remove()
-        model.to(home)
-        for p, flag, grad in zip(params, flags, grads_before):
+        move_all_but_layers(model, home)
+        for layer, layer_home in zip(layers, homes):
+            layer.to(layer_home)
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-            p.grad = grad
         model.train(was_training)
     return {name: FisherDiag(out.cpu(), in_.cpu()) for name, (out, in_) in sums.items()}
+
+
+def _fisher_of_chunk(model, layers, homes, per_layer, sums, ids, device) -> None:
+    (call,) = capture_layer_inputs(model, layers, ids, device=device, offload=homes[0], batch_size=ids.shape[0])
+    inputs, as_tuple = [], False
+    with torch.no_grad():
+        for layer, home in zip(layers, homes):
+            inputs.append(move(call, home))
+            layer.to(device)
+            out = layer(*move(call[0], device), **move(call[1], device))
+            as_tuple = isinstance(out, (tuple, list))
+            call = with_hidden(call, move(layer_output(out), home))
+            layer.to(home)
+    grad = _head_gradient(model, layers, ids, hidden_of(call).to(device), as_tuple)
+    for index in reversed(range(len(layers))):
+        layer, (args, kwargs) = layers[index], move(inputs[index], device)
+        x = hidden_of((args, kwargs)).detach().requires_grad_(True)
+        args, kwargs = with_hidden((args, kwargs), x)
+        layer.to(device)
+        handles = _fold_hooks(per_layer[index], sums)
+        try:
+            with torch.enable_grad():
+                out = layer(*args, **kwargs)
+                torch.autograd.backward(layer_output(out), grad)
+        finally:
+            for handle in handles:
+                handle.remove()
+        grad = x.grad
+        layer.to(homes[index])
+        del out, x

@@ -54,8 +54,20 @@ def move(obj, device):
     return obj
 
 
-def _layer_output(out):
+def layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def hidden_of(call) -> torch.Tensor:
+    """The hidden states of a recorded decoder-layer call (args, kwargs): first positional, else the keyword."""
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(call, hidden):
+    """The same call with other hidden states (the next layer's inputs)."""
+    args, kwargs = call
+    return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
 
 
 @torch.no_grad()
@@ -78,8 +90,8 @@ def _run_layer(layer, calls, device, offload) -> list:
     """Run `layer` on each recorded call; return the calls for the next layer (same kwargs, new hidden states)."""
     outs = []
     for args, kwargs in calls:
-        out = move(_layer_output(layer(*move(args, device), **move(kwargs, device))), offload)
-        outs.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
+        out = move(layer_output(layer(*move(args, device), **move(kwargs, device))), offload)
+        outs.append(with_hidden((args, kwargs), out))
     return outs
 
 
@@ -105,7 +117,7 @@ def run_sequential(
     was_training = model.training
     model.eval()
     # Everything but the decoder layers (embeddings, rotary tables, final norm) goes to the device now.
-    _move_all_but_layers(model, device)
+    move_all_but_layers(model, device)
     if layer_io is None:
         for layer in layers:
             layer.to(offload)
@@ -135,10 +147,10 @@ def run_sequential(
         if progress is not None:
             progress(index)
     # The embeddings and head follow the layers back: one place for the whole model.
-    _move_all_but_layers(model, offload)
+    move_all_but_layers(model, offload)
     model.train(was_training)
 
 
-def _move_all_but_layers(model: nn.Module, device) -> None:
+def move_all_but_layers(model: nn.Module, device) -> None:
     with layers_detached(model):  # parts released to the meta device (compressor/streaming.py) stay there
         model._apply(lambda t: t if t.is_meta else t.to(device))

@@ -16,8 +16,9 @@ Resident at any time: one decoder layer (plus its compressed copy while it is wr
 the calibration activations of one layer (nsamples × seqlen × hidden, twice), and that layer's statistics. The
 output is the same checkpoint `CompressionResult.save` writes (tests compare them tensor for tensor).
 
-Not streamable (refused with one line, before any work): methods needing a whole-model backward pass
-(Fisher), and rank allocation other than uniform (it needs every layer's spectrum up front).
+Not streamable (refused with one line, before any work): methods needing the Fisher pass (it walks every decoder
+layer forward and backward once per calibration chunk, while streaming reads each layer once), and rank
+allocation other than uniform (it needs every layer's spectrum up front).
 """
 
 from __future__ import annotations

@@ -88,3 +88,17 @@ def test_streaming_on_cuda_equals_in_memory(tmp_path, tiny_model, calib_ids):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_layerwise_fisher_on_cuda_matches_cpu(tiny_model, calib_ids):
+    from compressor.fisher import collect_fisher
+
+    model = tiny_model("qwen2", correlated=True)
+    ids = calib_ids(5, 32)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    cpu = collect_fisher(model, ids, names, batch_size=2)
+    gpu = collect_fisher(model, ids, names, device="cuda", batch_size=2)
+    assert all(not p.is_cuda for p in model.parameters())  # layers went to the GPU one at a time and came back
+    for name in names:
+        torch.testing.assert_close(gpu[name].out, cpu[name].out, rtol=1e-4, atol=0)
+        torch.testing.assert_close(gpu[name].in_, cpu[name].in_, rtol=1e-4, atol=0)

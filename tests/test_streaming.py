@@ -108,7 +108,7 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_i
 def test_refusals_leave_nothing_on_disk(tmp_path, tiny_model, calib_ids):
     folder = _checkpoint(tmp_path, tiny_model("llama"))
     batches = calib_ids(2, 16)
-    with pytest.raises(UserError, match="backward pass through the whole model"):
+    with pytest.raises(UserError, match="needs a Fisher pass"):
         streaming.compress_streaming(str(folder), "fwsvd-20", tmp_path / "a", batches=batches)
     with pytest.raises(UserError, match="allocation 'global'"):
         streaming.compress_streaming(str(folder), "svd-llm-20", tmp_path / "b", batches=batches,
