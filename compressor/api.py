@@ -158,7 +158,7 @@ def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", b
     When a recipe needs "fisher", the Fisher pass runs first (or `fisher` from `collect_fisher` is reused) and
     every target gets its own Stats (see `_per_module_fisher`)."""
     recipes = [_as_recipe(r) for r in recipes]
-    needs = REPORT_STATS.union(*(registry.get(r.method).needs for r in recipes))
+    needs = REPORT_STATS.union(*(registry.get(r.method).needs_for(r.method_options()) for r in recipes))
     layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
     layers = []
     if "fisher" in needs and fisher is None:
@@ -176,8 +176,9 @@ def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", b
 
 def _to_cpu(s: Stats) -> Stats:
     move = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return Stats(count=s.count, gram=move(s.gram), abs_sum=move(s.abs_sum), fisher=move(s.fisher),
-                 fisher_in=move(s.fisher_in))
+    gram = move(s.gram)
+    return Stats(count=s.count, gram=gram, abs_sum=move(s.abs_sum), fisher=move(s.fisher),
+                 fisher_in=move(s.fisher_in), cross=gram if s.cross is s.gram else move(s.cross))
 
 
 # --- Fisher ("fisher" in method.needs) -------------------------------------------------------------------------
@@ -229,6 +230,7 @@ def compress(
     recipe = _as_recipe(recipe)
     method = registry.get(recipe.method)
     options = recipe.method_options()
+    needs = method.needs_for(options) | REPORT_STATS
     timings: dict[str, float] = {}
     start = time.perf_counter()
     layer_targets = select_targets(model, recipe.targets, recipe.ignore)
@@ -255,7 +257,7 @@ def compress(
         decompose_layer(index, groups, stats)
 
     if layer_io is not None:
-        _check_streamable(recipe, method, statistics)
+        _check_streamable(recipe, method, needs, statistics)
     if statistics is not None and recipe.sequential.inputs != "dense":
         raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
     if batches is None and statistics is None:
@@ -264,7 +266,7 @@ def compress(
         t0 = time.perf_counter()
         batches, calibration = calibration_data(tokenizer, recipe, calib)
         timings["calibration_data"] = time.perf_counter() - t0
-    if "fisher" in method.needs and statistics is None:  # on the dense model, before anything is compressed
+    if "fisher" in needs and statistics is None:  # on the dense model, before anything is compressed
         t0 = time.perf_counter()
         fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
         timings["fisher"] = time.perf_counter() - t0
@@ -277,8 +279,8 @@ def compress(
         if recipe.sequential.inputs == "dense":
             statistics = dense_stats
     if statistics is not None:
-        if not (method.needs | REPORT_STATS) <= statistics.needs:
-            raise ValueError(f"statistics lack {sorted(method.needs - statistics.needs)} needed by {method.name}")
+        if not needs <= statistics.needs:
+            raise ValueError(f"statistics lack {sorted(needs - statistics.needs)} needed by {method.name}")
         if tuple(tuple(t) for t in layer_targets) != statistics.targets:
             raise ValueError("statistics were collected for other targets than this recipe's")
         for index, (groups, stats) in enumerate(statistics.layers):
@@ -286,7 +288,7 @@ def compress(
             if progress is not None:
                 progress(index)
     else:
-        run_sequential(model, batches, layer_targets, method.needs | REPORT_STATS, on_layer, device=device,
+        run_sequential(model, batches, layer_targets, needs, on_layer, device=device,
                        batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress, layer_io=layer_io)
         timings["statistics"] = time.perf_counter() - start - sum(timings.values())
     if len(reports) != expected:
@@ -297,9 +299,9 @@ def compress(
     return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype)
 
 
-def _check_streamable(recipe: Recipe, method, statistics) -> None:
+def _check_streamable(recipe: Recipe, method, needs, statistics) -> None:
     """What needs more than one decoder layer's weights at a time cannot stream (yet): say so, before any work."""
-    if "fisher" in method.needs:
+    if "fisher" in needs:
         raise UserError(f"method '{method.name}' needs a Fisher pass that revisits every decoder layer for each "
                         "calibration chunk; --low-memory reads the checkpoint once, so it cannot run them together")
     if recipe.allocation != "uniform":

@@ -2,7 +2,9 @@
 
 A method is a pure function on tensors (see `compressor/methods/`). It declares
 - `needs`: which calibration statistics the pipeline must collect for its targets ("gram", "abs_mean",
-  "fisher": per-module squared LM-loss gradients, see compressor/fisher.py),
+  "fisher": per-module squared LM-loss gradients, see compressor/fisher.py; "cross": Σ x x̂ᵀ between the dense
+  model's inputs x and the compressed model's x̂, see compressor/stats.py), plus `extra_needs(options)` for
+  statistics that only some option values use,
 - `Options`: a strict pydantic model of its recipe options (unknown key -> error),
 - `factorizes`: True when the method *replaces* W by rank-r factors, so the pipeline resolves the rank from
   `rank`/`param_ratio` with rank.py and skips targets where factoring would grow the layer. Methods whose rank
@@ -16,7 +18,7 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-KNOWN_STATS = frozenset({"gram", "abs_mean", "fisher"})
+KNOWN_STATS = frozenset({"gram", "abs_mean", "fisher", "cross"})
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,21 @@ class Method:
     # (W[b,m,n], stats, options) -> singular values [b, min(m,n)] whose squared tail Σ_{i>r} σᵢ² is the
     # method's own error at rank r: what rank allocation (energy / global) optimises. None: no allocation.
     spectrum: Callable | None = None
+    extra_needs: Callable | None = None  # options -> further statistics names (validated when asked)
+
+    def needs_for(self, options) -> frozenset:
+        """The statistics this method needs with these options."""
+        extra = frozenset(self.extra_needs(options)) if self.extra_needs is not None else frozenset()
+        if extra - KNOWN_STATS:
+            raise ValueError(f"method {self.name!r} needs unknown statistics {sorted(extra - KNOWN_STATS)}")
+        return self.needs | extra
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str, spectrum=None):
+def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str, spectrum=None,
+             extra_needs=None):
     unknown = set(needs) - KNOWN_STATS
     if unknown:
         raise ValueError(f"method {name!r} needs unknown statistics {sorted(unknown)}")
@@ -43,7 +54,7 @@ def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool,
     def wrap(fn):
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary, spectrum)
+        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary, spectrum, extra_needs)
         return fn
 
     return wrap

@@ -8,10 +8,16 @@ device between layers):
      (`propagate="compressed"`, the default: later layers see the errors of earlier ones) or the outputs of
      the uncompressed layer from step 1 (`propagate="dense"`: statistics then equal the dense model's);
   4. move layer i back to the offload device.
+When the statistics include "cross" (Σ x x̂ᵀ, dense vs compressed inputs) and inputs are compressed, a second
+stream of activations — the dense model's — walks beside the first: in step 1 each batch first runs through the
+still-dense layer i on its dense inputs (recording every target's input x and giving the next dense inputs), then
+on its compressed inputs (the collector pairs x̂ with the recorded x). Twice the activations on the offload device
+and one more forward per layer.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -123,16 +129,25 @@ def run_sequential(
             layer.to(offload)
 
     calls = capture_layer_inputs(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
+    # The dense model's own activations, kept beside the compressed ones only when "cross" asks for them.
+    dense_calls = list(calls) if "cross" in needs and propagate == "compressed" else None
     for index, layer in enumerate(layers):
         if layer_io is not None:
             layer_io.load(index, layer)
         layer.to(device)
         collector = StatsCollector(layer_targets[index], needs)
         try:
-            outs = []
-            for call in calls:
-                collector.start_batch()
+            outs, dense_outs = [], []
+            for b, call in enumerate(calls):
+                reference = None
+                if dense_calls is not None:
+                    collector.paused = True
+                    with _recorded_inputs(layer_targets[index]) as reference:
+                        dense_outs.extend(_run_layer(layer, [dense_calls[b]], device, offload))
+                    collector.paused = False
+                collector.start_batch(reference)
                 outs.extend(_run_layer(layer, [call], device, offload))
+                del reference
         finally:
             collector.remove()
         if layer_targets[index]:
@@ -141,6 +156,8 @@ def run_sequential(
         if propagate == "compressed" and layer_targets[index]:
             outs = _run_layer(layer, calls, device, offload)
         calls = outs
+        if dense_calls is not None:
+            dense_calls = dense_outs
         layer.to(offload)
         if layer_io is not None:
             layer_io.done(index, layer)
@@ -149,6 +166,22 @@ def run_sequential(
     # The embeddings and head follow the layers back: one place for the whole model.
     move_all_but_layers(model, offload)
     model.train(was_training)
+
+
+@contextmanager
+def _recorded_inputs(modules: dict[str, nn.Module]):
+    """Inside the block, {name: the input tensor of its latest call} for `modules` (hooks removed on exit)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        return lambda module, args, output: seen.__setitem__(name, args[0].detach())
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def move_all_but_layers(model: nn.Module, device) -> None:

@@ -33,6 +33,9 @@ class Stats:
     # output axis -> one per input column (n,). fp64. Set by compressor/fisher.py, see api._per_module_fisher.
     fisher: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
+    # Σ x x̂ᵀ, (n, n) fp64: x the DENSE model's input of this linear, x̂ the input it gets in the model being
+    # compressed (the same token). When both streams are the same (dense propagation) it is the Gram itself.
+    cross: torch.Tensor | None = None
 
     _whitening: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -60,16 +63,23 @@ class StatsCollector:
     owner: dict[str, str] = field(default_factory=dict)  # module name -> name whose accumulator it shares
     _handles: list = field(default_factory=list)
     _seen: dict = field(default_factory=dict)
+    _reference: dict | None = None  # module name -> the dense model's input for this batch ("cross")
+    paused: bool = False  # hooks see nothing while True (the runner's dense-stream forward)
 
     def __post_init__(self):
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
 
-    def start_batch(self):
+    def start_batch(self, reference: dict[str, torch.Tensor] | None = None):
+        """`reference`: each target's input in the dense model for the same tokens (needed for "cross" when the
+        inputs come from already-compressed layers; None when they are the dense model's own)."""
         self._seen.clear()
+        self._reference = reference
 
     def _hook(self, name):
         def hook(module, args, output):
+            if self.paused:
+                return
             x = args[0]
             signature = (x.data_ptr(), tuple(x.shape), x.dtype)
             # Keep the tensor referenced until the next batch so its memory cannot be reused by a later,
@@ -94,9 +104,23 @@ class StatsCollector:
                 c = chunk.float()
                 for j in range(0, n, GRAM_COLUMNS):  # column blocks bound the fp32 product and its fp64 copy
                     s.gram[:, j : j + GRAM_COLUMNS].add_(c.T @ c[:, j : j + GRAM_COLUMNS])
+        if "cross" in self.needs:
+            self._accumulate_cross(s, name, x)
         if "abs_mean" in self.needs:
             a = x.to(torch.float64).abs().sum(0)
             s.abs_sum = a if s.abs_sum is None else s.abs_sum.add_(a)
+
+    def _accumulate_cross(self, s: Stats, name: str, x: torch.Tensor):
+        if self._reference is None:
+            if s.gram is None:
+                raise ValueError('"cross" statistics are accumulated next to the Gram: request "gram" too')
+            s.cross = s.gram  # the inputs are the dense model's: Σ x x̂ᵀ is the Gram (same tensor, no copy)
+            return
+        ref = self._reference[name].reshape(-1, x.shape[-1])
+        if s.cross is None:
+            s.cross = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+        for r, c in zip(ref.split(GRAM_CHUNK), x.split(GRAM_CHUNK)):
+            s.cross.add_(r.float().T @ c.float())
 
     def for_module(self, name: str) -> Stats:
         return self.stats[self.owner[name]]

@@ -1,0 +1,166 @@
+"""Error-aware SVD-LLM (`error_aware: true`): fit the dense model's outputs W·X from the compressed model's inputs X̂
+(../shared/METHODS.md, "Error-aware variant"), and the runner's second (dense) activation stream behind it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compressor import api, registry, streaming
+from compressor.recipe import load_recipe
+from compressor.sequential import run_sequential
+from compressor.stats import Stats
+from compressor.targets import select_targets
+from tests.test_methods import correlated_inputs, run
+from tests.test_streaming import _checkpoint, _in_memory, _tensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _error_aware_stats(X, Xh):
+    """Stats of inputs X̂ (rows = tokens) with the cross statistic against the dense inputs X."""
+    return Stats(count=X.shape[0], gram=Xh.T @ Xh, cross=X.T @ Xh)
+
+
+def test_error_aware_is_the_optimum_of_the_dense_output_target():
+    g = torch.Generator().manual_seed(3)
+    X = correlated_inputs(24, 400, seed=3)
+    Xh = X + 0.3 * torch.randn(X.shape, generator=g, dtype=torch.float64) * X.std(0)  # upstream compression error
+    W = torch.randn(2, 20, 24, generator=g, dtype=torch.float64)
+    stats = _error_aware_stats(X, Xh)
+    target = X @ W.mT  # W x for every token: the dense model's outputs
+    for rank in (2, 6, 12):
+        aware = run("svd-llm", W, stats, rank, error_aware=True)
+        plain = run("svd-llm", W, stats, rank)  # whitened on X̂, but fitting W x̂
+        M = W @ stats.cross @ stats.whitening().inverse.T
+        s = torch.linalg.svdvals(M)
+        for k in range(2):
+            out_aware = Xh @ aware.factors[k].dense().mT.double()
+            out_plain = Xh @ plain.factors[k].dense().mT.double()
+            e_aware = (target[k] - out_aware).pow(2).sum()
+            e_plain = (target[k] - out_plain).pow(2).sum()
+            # Closed form: the discarded σ² plus what no linear map of X̂ reaches, ‖W X‖² − ‖W C S⁻ᵀ‖².
+            floor = target[k].pow(2).sum() - s[k].pow(2).sum()
+            assert e_aware.item() == pytest.approx((s[k, rank:].pow(2).sum() + floor).item(), rel=1e-6)
+            # Measured ratios at ranks 2 / 6 / 12: 0.98 / 0.70 / 0.41 (the more is kept, the more the input error shows).
+            assert e_aware < {2: 0.995, 6: 0.8, 12: 0.5}[rank] * e_plain
+    # Any other rank-r map does no better: perturbing the optimum only raises the error.
+    f = run("svd-llm", W[:1], stats, 6, error_aware=True).factors[0]
+    best = (target[0] - Xh @ f.dense().mT.double()).pow(2).sum()
+    for seed in range(3):
+        noise = torch.randn(f.A.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3 * f.A.abs().mean()
+        worse = (target[0] - Xh @ (f.B @ (f.A + noise)).mT.double()).pow(2).sum()
+        assert worse > best
+
+
+def test_error_aware_with_identical_streams_is_plain_svd_llm():
+    X = correlated_inputs(16, 300, seed=5)
+    W = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stats = Stats(count=300, gram=X.T @ X)
+    stats.cross = stats.gram
+    aware, plain = run("svd-llm", W, stats, 5, error_aware=True), run("svd-llm", W, stats, 5)
+    for a, p in zip(aware.factors, plain.factors):
+        torch.testing.assert_close(a.dense(), p.dense(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="cross statistic"):
+        run("svd-llm", W, Stats(count=300, gram=X.T @ X), 5, error_aware=True)
+
+
+def test_error_aware_needs_the_cross_statistic_only_when_on():
+    method = registry.get("svd-llm")
+    assert method.needs_for(method.Options(param_ratio=0.8)) == {"gram"}
+    assert method.needs_for(method.Options(param_ratio=0.8, error_aware=True)) == {"gram", "cross"}
+
+
+def test_runner_cross_statistic_pairs_dense_and_compressed_inputs(tiny_model, calib_ids):
+    """Σ x x̂ᵀ of layer 1 must pair the dense model's inputs with those behind an altered layer 0, token by token."""
+    ids = calib_ids(nsamples=3, seqlen=16)
+    model = tiny_model("llama", correlated=True)
+    dense = copy.deepcopy(model)
+    targets = select_targets(model, ["*"], [])
+    seen = {}
+
+    def on_layer(index, collector):
+        seen[index] = {owner: (s.gram.clone(), s.cross.clone(), s.cross is s.gram) for owner, s in collector.stats.items()}
+        if index == 0:  # "compress" layer 0: any change will do
+            model.model.layers[0].mlp.down_proj.weight.data.mul_(0.5)
+
+    run_sequential(model, ids, targets, frozenset({"gram", "cross"}), on_layer, batch_size=2)
+    altered = copy.deepcopy(dense)
+    altered.model.layers[0].mlp.down_proj.weight.data.mul_(0.5)
+
+    def inputs_of(m, name):
+        store = []
+        handle = m.get_submodule(name).register_forward_hook(lambda mod, a, o: store.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=False)
+        handle.remove()
+        return torch.cat(store).double()
+
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        x, xh = inputs_of(dense, name), inputs_of(altered, name)
+        gram, cross, aliased = seen[1][name]
+        assert not aliased and (x - xh).abs().max() > 1e-3  # the streams really differ at layer 1
+        torch.testing.assert_close(cross, x.T @ xh, rtol=1e-4, atol=1e-4 * (x.T @ xh).abs().max().item())
+        torch.testing.assert_close(gram, xh.T @ xh, rtol=1e-4, atol=1e-4 * (xh.T @ xh).abs().max().item())
+    for name, (gram, cross, _) in seen[0].items():  # nothing upstream changed yet: the cross statistic is the Gram
+        torch.testing.assert_close(cross, gram, rtol=1e-6, atol=1e-6 * gram.abs().max().item())
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _inputs_of(model, names, ids):
+    store = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda mod, a, o, name=name: store[name].append(a[0].reshape(-1, a[0].shape[-1]))) for name in names]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(v).double() for name, v in store.items()}
+
+
+def test_error_aware_pipeline_fits_the_dense_outputs_better(tiny_model, calib_ids):
+    ids = calib_ids(nsamples=8, seqlen=32)
+    plain = api.compress(tiny_model("llama", correlated=True), "svd-llm-40", batches=ids).model
+    aware = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["error_aware=true"]),
+                         batches=ids).model
+    layer = lambda m, i: m.model.layers[i]  # noqa: E731
+    names0 = [n for n, _ in layer(plain, 0).named_modules() if n.endswith("proj")]
+    # Layer 0 sees identical streams: the plain result (up to the rounding of a separately summed C = Ĝ).
+    for n in names0:
+        a, b = layer(plain, 0).get_submodule(n).dense_weight(), layer(aware, 0).get_submodule(n).dense_weight()
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
+    # Layer 1 was calibrated on X̂ = inputs behind compressed layer 0 (with dense layer 1); the dense model gives X.
+    dense = tiny_model("llama", correlated=True)
+    hybrid = tiny_model("llama", correlated=True)
+    hybrid.model.layers[0] = layer(plain, 0)
+    names = [f"model.layers.1.{n}" for n in names0]
+    X, Xh = _inputs_of(dense, names, ids), _inputs_of(hybrid, names, ids)
+    for name in names:
+        W = dense.get_submodule(name).weight.double()
+        target = X[name] @ W.T
+        err = {key: (target - Xh[name] @ m.get_submodule(name).dense_weight().double().T).norm()
+               for key, m in (("plain", plain), ("aware", aware))}
+        assert err["aware"] < err["plain"], name  # the optimum of this very objective (up to the clamp regulariser)
+    # With dense inputs both streams are one: exactly plain svd-llm.
+    one = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["error_aware=true",
+                       "sequential.inputs=dense"]), batches=ids)
+    other = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["sequential.inputs=dense"]),
+                         batches=ids)
+    assert torch.equal(_logits(one.model, ids), _logits(other.model, ids))
+
+
+def test_error_aware_streams_to_the_same_checkpoint(tmp_path, tiny_model, calib_ids):
+    folder = _checkpoint(tmp_path, tiny_model("qwen2", correlated=True))
+    recipe = load_recipe("svd-llm-20", ("calibration.nsamples=4", "calibration.seqlen=32", "error_aware=true"))
+    batches = calib_ids(4, 32)
+    expected = _tensors(_in_memory(folder, recipe, batches, tmp_path / "memory"))
+    _, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)
+    streamed = _tensors(out)
+    assert expected.keys() == streamed.keys()
+    assert all(torch.equal(expected[k], streamed[k]) for k in expected)
