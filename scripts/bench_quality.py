@@ -41,6 +41,7 @@ ROWS = [
         ("asvd", "asvd-20", []),
         ("svd-llm", "svd-llm-20", []),
         ("svd-llm+global", "svd-llm-20", ["allocation=global"]),
+        ("svd-llm+error-aware", "svd-llm-20", ["error_aware=true"]),
     )
 ] + [
     ("lowrank-sparse 50%", "lowrank-sparse-50", []),

@@ -28,8 +28,9 @@ from compressor.registry import register
 class SVDLLMOptions(RankOptions):
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1, description="eigenvalue clamp, relative to the largest")
     whitening: WhiteningMethod = "eigh"
-    error_aware: bool = Field(False, description="fit the dense model's outputs W·X from the compressed model's "
-                                                 "inputs X̂ (needs sequential.inputs: compressed to differ)")
+    error_aware: bool = Field(False, description="experimental: fit the dense model's outputs W·X from the compressed "
+                                                 "model's inputs X̂ (differs only with sequential.inputs: compressed); "
+                                                 "hurts real LLMs, see README")
 
 
 def _whitened_target(W: torch.Tensor, stats, options: SVDLLMOptions):
