@@ -117,7 +117,7 @@ def test_zero_and_dead_fisher_give_finite_factors_and_are_counted():
 
 
 @pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen2", True)])
-def test_collect_fisher_matches_per_sample_autograd_and_leaves_no_trace(tiny_model, calib_ids, arch, tie):
+def test_layerwise_fisher_matches_whole_model_autograd_and_leaves_no_trace(tiny_model, calib_ids, arch, tie):
     model = tiny_model(arch, tie=tie)
     batches = calib_ids(nsamples=5, seqlen=16)
     target, other = "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"
@@ -133,13 +133,13 @@ def test_collect_fisher_matches_per_sample_autograd_and_leaves_no_trace(tiny_mod
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(m._forward_hooks for m in model.modules())
 
-    # Reference: whole-model autograd, one window at a time (HF's own loss), squared gradients summed.
+    # Reference: whole-model autograd of HF's own loss per chunk of 2, 2 and 1 windows, squared gradients summed.
     reference = tiny_model(arch, tie=tie).eval()
     for name in (target, other):
         W = reference.get_submodule(name).weight
         sq = torch.zeros_like(W, dtype=torch.float64)
-        for s in range(5):
-            loss = reference(input_ids=batches[s : s + 1], labels=batches[s : s + 1], use_cache=False).loss
+        for s in range(0, 5, 2):
+            loss = reference(input_ids=batches[s : s + 2], labels=batches[s : s + 2], use_cache=False).loss
             (grad,) = torch.autograd.grad(loss, W)
             sq += grad.double().square()
         assert fisher[name].out.dtype == torch.float64 and fisher[name].out.shape == (W.shape[0],)
@@ -147,9 +147,9 @@ def test_collect_fisher_matches_per_sample_autograd_and_leaves_no_trace(tiny_mod
         assert torch.allclose(fisher[name].in_, sq.sum(0), rtol=1e-5, atol=0)
         assert sq.sum(1).min() > 0 and sq.sum(1).max() > 1.5 * sq.sum(1).min()  # non-trivial importances
 
-    # Per-sample: how many windows share a forward pass changes nothing.
-    one_chunk = collect_fisher(model, batches, [target, other], batch_size=5)
-    assert all(torch.allclose(one_chunk[n].out, fisher[n].out, rtol=1e-9, atol=0) for n in (target, other))
+    # Chunks of one window: the per-window Fisher, a different (noisier-per-term) estimate.
+    per_window = collect_fisher(model, batches, [target], batch_size=1)
+    assert not torch.allclose(per_window[target].out, fisher[target].out, rtol=1e-3, atol=0)
 
 
 def test_collect_fisher_refuses_a_linear_outside_the_decoder_layers(tiny_model, calib_ids):
