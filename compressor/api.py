@@ -189,9 +189,9 @@ def _to_cpu(s: Stats) -> Stats:
 # allocation then need no special case; the price is that same-shape siblings (gate/up) are decomposed one by
 # one instead of in one batched SVD.
 
-def _fisher(model, batches, layer_targets, *, device, batch_size) -> dict[str, FisherDiag]:
+def _fisher(model, batches, layer_targets, *, device, batch_size, layer_io=None) -> dict[str, FisherDiag]:
     names = [name for targets in layer_targets for name in targets]
-    return collect_fisher(model, batches, names, device=device, batch_size=batch_size)
+    return collect_fisher(model, batches, names, device=device, batch_size=batch_size, layer_io=layer_io)
 
 
 def _per_module_fisher(groups: dict[str, list[str]], stats: dict[str, Stats], fisher: dict[str, FisherDiag]):
@@ -257,7 +257,7 @@ def compress(
         decompose_layer(index, groups, stats)
 
     if layer_io is not None:
-        _check_streamable(recipe, method, needs, statistics)
+        _check_streamable(recipe, statistics)
     if statistics is not None and recipe.sequential.inputs != "dense":
         raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
     if batches is None and statistics is None:
@@ -268,7 +268,7 @@ def compress(
         timings["calibration_data"] = time.perf_counter() - t0
     if "fisher" in needs and statistics is None:  # on the dense model, before anything is compressed
         t0 = time.perf_counter()
-        fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
+        fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size, layer_io=layer_io)
         timings["fisher"] = time.perf_counter() - t0
     if recipe.allocation != "uniform":
         t0 = time.perf_counter()
@@ -299,11 +299,8 @@ def compress(
     return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype)
 
 
-def _check_streamable(recipe: Recipe, method, needs, statistics) -> None:
+def _check_streamable(recipe: Recipe, statistics) -> None:
     """What needs more than one decoder layer's weights at a time cannot stream (yet): say so, before any work."""
-    if "fisher" in needs:
-        raise UserError(f"method '{method.name}' needs a Fisher pass that revisits every decoder layer for each "
-                        "calibration chunk; --low-memory reads the checkpoint once, so it cannot run them together")
     if recipe.allocation != "uniform":
         raise UserError(f"allocation '{recipe.allocation}' needs every layer's spectrum before the first is "
                         "compressed; it cannot run with --low-memory (use allocation uniform)")

@@ -23,7 +23,8 @@ Memory plan: layer by layer, like the statistics pass, so models larger than the
      autograd on, backward with the output gradient from the layer above; hooks fold the squared chunk gradient of
      its targets; the input gradient goes down to the next layer.
 Peak on the device ≈ the non-layer weights (embeddings, head) + one decoder layer + one layer's autograd activations
-for a chunk + one window's logits. No parameter ever gets a `.grad`; every parameter's `requires_grad`, the training
+for a chunk + one window's logits. With `--low-memory` the layers come from disk for every visit (2 reads per layer
+per chunk) and go back to the meta device after it, so RAM holds one layer plus the chunk's kept inputs. No parameter ever gets a `.grad`; every parameter's `requires_grad`, the training
 mode and the devices are restored afterwards.
 """
 
@@ -107,10 +108,13 @@ def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.
 
 
 def collect_fisher(
-    model: nn.Module, batches: torch.Tensor, target_names, *, device="cpu", batch_size: int = 8
+    model: nn.Module, batches: torch.Tensor, target_names, *, device="cpu", batch_size: int = 8, layer_io=None
 ) -> dict[str, FisherDiag]:
     """Squared LM-loss gradients of the weights of `target_names` (nn.Linear names in the decoder layers), summed
-    over chunks of `batch_size` rows of `batches` (token ids, nsamples × seqlen). The model is returned unchanged."""
+    over chunks of `batch_size` rows of `batches` (token ids, nsamples × seqlen). The model is returned unchanged.
+
+    `layer_io` (compressor/streaming.py): decoder layers that live on disk (meta device) until needed, with
+    `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device."""
     names = list(dict.fromkeys(target_names))
     _, layers = find_decoder_layers(model)
     per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
@@ -128,6 +132,7 @@ def collect_fisher(
     flags = [p.requires_grad for p in params]
     was_training = model.training
     homes = [next(layer.parameters()).device for layer in layers]
+    keep = torch.device("cpu") if homes[0].type == "meta" else homes[0]  # where the chunk's layer inputs wait
     home = next(p for p in params).device
     try:
         for p in params:
@@ -136,34 +141,55 @@ def collect_fisher(
         move_all_but_layers(model, device)
         for start in range(0, batches.shape[0], batch_size):
             ids = batches[start : start + batch_size].to(device)
-            _fisher_of_chunk(model, layers, homes, per_layer, sums, ids, device)
+            _fisher_of_chunk(model, layers, _Visits(layers, homes, device, layer_io), keep, per_layer, sums, ids)
     finally:
         move_all_but_layers(model, home)
-        for layer, layer_home in zip(layers, homes):
-            layer.to(layer_home)
+        if layer_io is None:
+            for layer, layer_home in zip(layers, homes):
+                layer.to(layer_home)
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
     return {name: FisherDiag(out.cpu(), in_.cpu()) for name, (out, in_) in sums.items()}
 
 
-def _fisher_of_chunk(model, layers, homes, per_layer, sums, ids, device) -> None:
-    (call,) = capture_layer_inputs(model, layers, ids, device=device, offload=homes[0], batch_size=ids.shape[0])
+class _Visits:
+    """Brings decoder layer i to the compute device and sends it home (or back to disk) afterwards."""
+
+    def __init__(self, layers, homes, device, layer_io):
+        self.layers, self.homes, self.device, self.io = layers, homes, device, layer_io
+
+    def enter(self, index: int) -> nn.Module:
+        layer = self.layers[index]
+        if self.io is not None:
+            self.io.read(index, layer)
+        return layer.to(self.device)
+
+    def leave(self, index: int) -> None:
+        layer = self.layers[index]
+        if self.io is not None:
+            self.io.release(index, layer)
+        else:
+            layer.to(self.homes[index])
+
+
+def _fisher_of_chunk(model, layers, visits: _Visits, keep, per_layer, sums, ids) -> None:
+    device = visits.device
+    (call,) = capture_layer_inputs(model, layers, ids, device=device, offload=keep, batch_size=ids.shape[0])
     inputs, as_tuple = [], False
     with torch.no_grad():
-        for layer, home in zip(layers, homes):
-            inputs.append(move(call, home))
-            layer.to(device)
-            out = layer(*move(call[0], device), **move(call[1], device))
+        for index in range(len(layers)):
+            inputs.append(call)
+            out = visits.enter(index)(*move(call[0], device), **move(call[1], device))
             as_tuple = isinstance(out, (tuple, list))
-            call = with_hidden(call, move(layer_output(out), home))
-            layer.to(home)
+            call = with_hidden(call, move(layer_output(out), keep))
+            visits.leave(index)
     grad = _head_gradient(model, layers, ids, hidden_of(call).to(device), as_tuple)
     for index in reversed(range(len(layers))):
-        layer, (args, kwargs) = layers[index], move(inputs[index], device)
+        args, kwargs = move(inputs[index], device)
         x = hidden_of((args, kwargs)).detach().requires_grad_(True)
         args, kwargs = with_hidden((args, kwargs), x)
-        layer.to(device)
+        layer = visits.enter(index)
         handles = _fold_hooks(per_layer[index], sums)
         try:
             with torch.enable_grad():
@@ -173,5 +199,5 @@ def _fisher_of_chunk(model, layers, homes, per_layer, sums, ids, device) -> None
             for handle in handles:
                 handle.remove()
         grad = x.grad
-        layer.to(homes[index])
+        visits.leave(index)
         del out, x

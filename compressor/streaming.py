@@ -16,9 +16,9 @@ Resident at any time: one decoder layer (plus its compressed copy while it is wr
 the calibration activations of one layer (nsamples × seqlen × hidden, twice), and that layer's statistics. The
 output is the same checkpoint `CompressionResult.save` writes (tests compare them tensor for tensor).
 
-Not streamable (refused with one line, before any work): methods needing the Fisher pass (it walks every decoder
-layer forward and backward once per calibration chunk, while streaming reads each layer once), and rank
-allocation other than uniform (it needs every layer's spectrum up front).
+The Fisher pass (`fwsvd`) runs first, reading each layer from disk twice per calibration chunk (`read`/`release`;
+compressor/fisher.py), while the embeddings and head are still loaded. Not streamable (refused with one line,
+before any work): rank allocation other than uniform (it needs every layer's spectrum up front).
 """
 
 from __future__ import annotations
@@ -111,6 +111,16 @@ class LazyLayers:
             _release_all_but(self.model, layers)
         _materialize(layer, f"{self.path}.{index}.", self.files, self.dtype)
         self.seconds["load"] += time.perf_counter() - t0
+
+    def read(self, index: int, layer: nn.Module) -> None:
+        """Materialise layer i for a pass that only reads it (the Fisher pass), leaving everything else alone."""
+        t0 = time.perf_counter()
+        _materialize(layer, f"{self.path}.{index}.", self.files, self.dtype)
+        self.seconds["load"] += time.perf_counter() - t0
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to("meta")
+        release_freed_memory()
 
     def done(self, index: int, layer: nn.Module) -> None:
         t0 = time.perf_counter()

@@ -49,6 +49,7 @@ def _in_memory(folder: Path, recipe, batches, out: Path):
     ("qwen2", False, "eora-4bit", torch.float32),
     ("llama", True, "rtn-4bit", torch.bfloat16),
     ("mistral", False, "svd-20", torch.bfloat16),
+    ("qwen2", True, "fwsvd-20", torch.float32),
 ])
 def test_streamed_output_equals_the_in_memory_output(tmp_path, tiny_model, calib_ids, arch, tie, recipe_name, dtype):
     model = tiny_model(arch, correlated=True, tie=tie).to(dtype)
@@ -72,7 +73,11 @@ def test_streamed_output_equals_the_in_memory_output(tmp_path, tiny_model, calib
         assert torch.equal(load_compressed(expected)(ids).logits, load_compressed(out)(ids).logits)
 
 
-def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_ids, monkeypatch):
+@pytest.mark.parametrize("recipe_name,visits", [
+    ("svd-llm-20", [0, 1, 2, 3, 4]),
+    ("fwsvd-20", [0, 1, 2, 3, 4, 4, 3, 2, 1, 0] + [0, 1, 2, 3, 4]),  # Fisher pass forward, backward; then compress
+])
+def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_ids, monkeypatch, recipe_name, visits):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.conftest import TINY_SIZES
@@ -81,12 +86,13 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_i
     model = LlamaForCausalLM(LlamaConfig(**{**TINY_SIZES, "num_hidden_layers": 5})).eval()
     folder = _checkpoint(tmp_path, model)
     seen = []
-    original_load = streaming.LazyLayers.load
+    def observing(original):
+        def load(self, index, layer):
+            original(self, index, layer)
+            _, layers = streaming.find_decoder_layers(layer_model[0])
+            seen.append([i for i, lay in enumerate(layers) if not any(p.is_meta for p in lay.parameters())])
 
-    def observing_load(self, index, layer):
-        original_load(self, index, layer)
-        _, layers = streaming.find_decoder_layers(layer_model[0])
-        seen.append([i for i, lay in enumerate(layers) if not any(p.is_meta for p in lay.parameters())])
+        return load
 
     original_skeleton = streaming.load_skeleton
     layer_model = []
@@ -99,17 +105,16 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_i
         assert not any(p.is_meta for p in out.model.model.embed_tokens.parameters())
         return out
 
-    monkeypatch.setattr(streaming.LazyLayers, "load", observing_load)
+    monkeypatch.setattr(streaming.LazyLayers, "load", observing(streaming.LazyLayers.load))
+    monkeypatch.setattr(streaming.LazyLayers, "read", observing(streaming.LazyLayers.read))
     monkeypatch.setattr(streaming, "load_skeleton", observing_skeleton)
-    streaming.compress_streaming(str(folder), "svd-llm-20", tmp_path / "out", batches=calib_ids(2, 16))
-    assert seen == [[0], [1], [2], [3], [4]]
+    streaming.compress_streaming(str(folder), recipe_name, tmp_path / "out", batches=calib_ids(2, 16))
+    assert seen == [[i] for i in visits]
 
 
 def test_refusals_leave_nothing_on_disk(tmp_path, tiny_model, calib_ids):
     folder = _checkpoint(tmp_path, tiny_model("llama"))
     batches = calib_ids(2, 16)
-    with pytest.raises(UserError, match="needs a Fisher pass"):
-        streaming.compress_streaming(str(folder), "fwsvd-20", tmp_path / "a", batches=batches)
     with pytest.raises(UserError, match="allocation 'global'"):
         streaming.compress_streaming(str(folder), "svd-llm-20", tmp_path / "b", batches=batches,
                                      overrides=("allocation=global",))
