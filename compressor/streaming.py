@@ -109,8 +109,8 @@ class LazyLayers:
             # arguments hold the position embeddings), and the output copies those tensors from the checkpoint.
             _, layers = find_decoder_layers(self.model)
             _release_all_but(self.model, layers)
-        _materialize(layer, f"{self.path}.{index}.", self.files, self.dtype)
         self.seconds["load"] += time.perf_counter() - t0
+        self.read(index, layer)
 
     def read(self, index: int, layer: nn.Module) -> None:
         """Materialise layer i for a pass that only reads it (the Fisher pass), leaving everything else alone."""
@@ -127,8 +127,7 @@ class LazyLayers:
         layer.to(self.storage)  # compressed modules keep their own dtypes for scales and codes
         self.write(index, {f"{self.path}.{index}.{k}": v for k, v in layer.state_dict().items()})
         self.seconds["save"] += time.perf_counter() - t0
-        layer.to("meta")
-        release_freed_memory()
+        self.release(index, layer)
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         name = self.shard_name(shard)
