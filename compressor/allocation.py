@@ -4,6 +4,20 @@ The method's `spectrum` gives, per target, singular values whose squared tail is
 rank (for svd-llm: the output error on the calibration inputs). `energy` keeps a fraction of each spectrum;
 `global` spends the recipe's total parameter budget (param_ratio × all targeted parameters, or rank·(m+n)
 summed for a fixed rank) where it removes the most error. Seconds after the statistics exist.
+
+What `global` compares across modules (`allocation_options.weight`), and which spectra allow it (the method's
+`spectrum_units`, compressor/registry.py):
+- `raw`: the errors as they are. Meaningful for "output" (‖ΔW X‖²) and "weight" (‖ΔW‖²) units; refused for
+  "scaled" spectra (ASVD, FWSVD normalise their scaling per module, so their scale is arbitrary per module).
+- `relative`: each error relative to the module's total Σσ² (‖W X‖² for svd-llm); scale-free, any method.
+- `loss`: each output error in units of LM loss (Gauss-Newton / Fisher): with h_i = Σ_t (∂L/∂y_ti)² from the
+  Fisher pass (compressor/fisher.py), the loss increase of an output error E = ΔW X is ≈ ½ Σ_t Σ_i h_ti E_ti²
+  ≈ ½ Σ_i h̄_i ‖E_i‖² (h̄ the per-token mean: the gradient and the error assumed uncorrelated over tokens), i.e.
+  ‖diag(√h̄) ΔW X‖². For an "output" spectrum the rows of W are the output channels, so the method's spectrum
+  of diag(√h̄)·W measures exactly that; it steers the allocation only (the decomposition and the predicted
+  errors stay the method's own). Strictly it is the error of the best rank-r fit under the weighted norm, a
+  lower bound on the weighted error of the method's own (unweighted) truncation; equal when h̄ is flat.
+  Needs "output" units (svd-llm).
 """
 
 from __future__ import annotations
@@ -12,6 +26,25 @@ import torch
 
 from compressor.errors import UserError
 from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank
+from compressor.registry import SPECTRUM_UNITS
+
+
+def validate_allocation(recipe, method) -> None:
+    """Refuse, before any calibration work, an allocation that `method`'s spectrum cannot support."""
+    if recipe.allocation == "uniform":
+        return
+    if not method.factorizes or method.spectrum is None:
+        raise UserError(f"allocation '{recipe.allocation}' needs a low-rank method; '{method.name}' has no rank to allocate")
+    if recipe.allocation != "global":
+        return  # energy: a fraction of each module's own spectrum, free of its scale
+    weight = recipe.allocation_options.weight
+    if weight == "raw" and method.spectrum_units == "scaled":
+        raise UserError(f"allocation 'global' with weight 'raw' compares singular values across modules, but "
+                        f"'{method.name}' scales each module's spectrum arbitrarily; set "
+                        "allocation_options.weight: relative")
+    if weight == "loss" and method.spectrum_units != "output":
+        raise UserError(f"allocation weight 'loss' needs a spectrum of output errors (svd-llm); '{method.name}' "
+                        f"gives a {SPECTRUM_UNITS[method.spectrum_units]}; set allocation_options.weight: relative")
 
 
 def _budget(shapes: dict, options) -> int:
@@ -24,22 +57,46 @@ def _budget(shapes: dict, options) -> int:
     return total
 
 
+def loss_weights(fisher: dict, names) -> dict[str, torch.Tensor]:
+    """name -> √h per output channel (fp64), h the squared output gradients of the Fisher pass, all divided by one
+    common constant (their mean over every channel of every target): only ratios across modules matter."""
+    missing = [name for name in names if name not in fisher or fisher[name].output_grad_sq is None]
+    if missing:
+        raise ValueError(f"allocation weight 'loss' needs output gradients from collect_fisher; none for {missing[0]}")
+    h = {name: fisher[name].output_grad_sq.to(torch.float64).clamp(min=0) for name in names}
+    scale = float(torch.cat(list(h.values())).mean()) if h else 0.0
+    if not scale > 0:
+        raise ValueError("allocation weight 'loss': the LM loss has zero gradient at every target's output")
+    return {name: (v / scale).sqrt() for name, v in h.items()}
+
+
 @torch.no_grad()
-def allocate_ranks(recipe, method, options, layer_targets, statistics) -> dict[str, tuple[int | None, float | None]]:
-    """name -> (rank or None for "keep dense", predicted relative output error)."""
-    if not method.factorizes or method.spectrum is None:
-        raise UserError(f"allocation '{recipe.allocation}' needs a low-rank method; '{method.name}' has no rank to allocate")
-    spectra, shapes = {}, {}
+def allocate_ranks(recipe, method, options, layer_targets, statistics, fisher=None
+                   ) -> dict[str, tuple[int | None, float | None]]:
+    """name -> (rank or None for "keep dense", predicted relative output error).
+
+    `fisher`: collect_fisher's result for these targets, needed by `weight: loss` (its `output_grad_sq`)."""
+    validate_allocation(recipe, method)
+    opts = recipe.allocation_options
+    by_loss = needs_output_gradients(recipe)
+    if by_loss and fisher is None:
+        raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.fisher.collect_fisher)")
+    scales = loss_weights(fisher, [n for t in layer_targets for n in t]) if by_loss else {}
+    spectra, weighted, shapes = {}, {}, {}
     for targets, (groups, stats) in zip(layer_targets, statistics.layers):
         for owner, names in groups.items():
             for name in names:
                 W = targets[name].weight.detach().to(torch.float32)[None]
                 spectra[name] = method.spectrum(W, stats[owner], options)[0].cpu()
                 shapes[name] = tuple(W.shape[1:])
+                if by_loss:  # rows of W are output channels: diag(√h)·W weighs the output error by h
+                    d = scales[name].to(W.device)[None, :, None]
+                    weighted[name] = method.spectrum(W.double() * d, stats[owner], options)[0].cpu()
             stats[owner].release_derived()
-    opts = recipe.allocation_options
     if recipe.allocation == "energy":
         ranks = allocate_energy(spectra, shapes, opts.energy)
+    elif by_loss:
+        ranks = allocate_global(weighted, shapes, _budget(shapes, options), weight="raw", min_rank=opts.min_rank)
     else:
         ranks = allocate_global(spectra, shapes, _budget(shapes, options), weight=opts.weight, min_rank=opts.min_rank)
     return {
@@ -47,3 +104,7 @@ def allocate_ranks(recipe, method, options, layer_targets, statistics) -> dict[s
         for name in spectra
     }
 
+
+def needs_output_gradients(recipe) -> bool:
+    """Whether rank allocation needs the Fisher pass's output gradients (`global` with `weight: loss`)."""
+    return recipe.allocation == "global" and recipe.allocation_options.weight == "loss"

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from compressor import registry
-from compressor.allocation import allocate_ranks
+from compressor.allocation import allocate_ranks, needs_output_gradients, validate_allocation
 from compressor.apply import ModuleReport, compress_layer
 from compressor.data import calibration_batch, eval_windows, load_texts
 from compressor.errors import UserError
 from compressor.evaluate import PerplexityResult, perplexity
 from compressor.fisher import FisherDiag, collect_fisher
 from compressor.recipe import Recipe, load_recipe
+from compressor.refine import RefineReport, refine_block
 from compressor.sequential import run_sequential
 from compressor.stats import Stats
 from compressor.targets import select_targets
@@ -97,6 +98,7 @@ class CompressionResult:
     timings: dict[str, float] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     storage_dtype: torch.dtype | None = None  # the checkpoint's dtype; save() writes the weights in it
+    refinement: list[RefineReport] = field(default_factory=list)  # per decoder layer, when the recipe refines
 
     def specs(self) -> dict[str, dict]:
         return {m.name: m.spec for m in self.modules if m.compressed}
@@ -169,7 +171,7 @@ def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", b
         layers.append(_per_module_fisher(groups, stats, fisher) if "fisher" in needs else (groups, stats))
 
     run_sequential(model, batches, layer_targets, needs, keep, device=device, batch_size=batch_size,
-                   propagate="dense", progress=progress)
+                   propagate="dense", progress=progress, skip_first=recipes[0].calibration.skip_first)
     names = tuple(tuple(t) for t in layer_targets)
     return CalibrationStatistics(needs, layers, names)
 
@@ -229,6 +231,7 @@ def compress(
     """
     recipe = _as_recipe(recipe)
     method = registry.get(recipe.method)
+    validate_allocation(recipe, method)
     options = recipe.method_options()
     needs = method.needs_for(options) | REPORT_STATS
     timings: dict[str, float] = {}
@@ -247,8 +250,8 @@ def compress(
             reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
         timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
 
-    def on_layer(index, collector):
-        missing = [n for n in layer_targets[index] if n not in collector.owner]
+    def on_layer(index, collector):  # once per layer, or once per group of it (sequential.granularity: group)
+        missing = [n for n in collector.modules if n not in collector.owner]
         if missing:
             raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
         groups, stats = collector.groups(), collector.stats
@@ -256,10 +259,25 @@ def compress(
             groups, stats = _per_module_fisher(groups, stats, fisher)
         decompose_layer(index, groups, stats)
 
+    refinements: list[RefineReport] = []
+
+    def refine(index, layer, calls, targets, device_, offload):
+        t0 = time.perf_counter()
+        done = {m.name for m in reports if m.compressed}
+        modules = [model.get_submodule(name) for name in layer_targets[index] if name in done]
+        r = recipe.refine
+        report, outs = refine_block(layer, modules, calls, targets, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
+                                    seed=r.seed, skip_first=recipe.calibration.skip_first, device=device_,
+                                    offload=offload, index=index)
+        refinements.append(report)
+        timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - t0
+        return outs
+
     if layer_io is not None:
         _check_streamable(recipe, statistics)
-    if statistics is not None and recipe.sequential.inputs != "dense":
-        raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense")
+    if statistics is not None and not _dense_statistics_suffice(recipe):
+        raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense, "
+                         "sequential.granularity: layer and no refinement")
     if batches is None and statistics is None:
         if tokenizer is None:
             raise ValueError("compress() needs `batches` or a `tokenizer` to build calibration data")
@@ -272,11 +290,19 @@ def compress(
         timings["fisher"] = time.perf_counter() - t0
     if recipe.allocation != "uniform":
         t0 = time.perf_counter()
+        loss_fisher = fisher  # `weight: loss` reads the output gradients of the same dense Fisher pass
+        if needs_output_gradients(recipe) and loss_fisher is None:
+            if batches is None:
+                raise ValueError("allocation weight 'loss' runs a Fisher pass: it needs calibration `batches` "
+                                 "(precomputed statistics hold no gradients)")
+            loss_fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
+            timings["fisher"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
         dense_stats = statistics or collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size,
                                                        fisher=fisher)
-        allocated = allocate_ranks(recipe, method, options, layer_targets, dense_stats)
+        allocated = allocate_ranks(recipe, method, options, layer_targets, dense_stats, fisher=loss_fisher)
         timings["allocation"] = time.perf_counter() - t0
-        if recipe.sequential.inputs == "dense":
+        if _dense_statistics_suffice(recipe):
             statistics = dense_stats
     if statistics is not None:
         if not needs <= statistics.needs:
@@ -289,14 +315,22 @@ def compress(
                 progress(index)
     else:
         run_sequential(model, batches, layer_targets, needs, on_layer, device=device,
-                       batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress, layer_io=layer_io)
+                       batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress, layer_io=layer_io,
+                       granularity=recipe.sequential.granularity, skip_first=recipe.calibration.skip_first,
+                       refine=refine if recipe.refine.epochs > 0 else None, refine_target=recipe.refine.target)
         timings["statistics"] = time.perf_counter() - start - sum(timings.values())
     if len(reports) != expected:
         raise RuntimeError(f"failed to compress {expected - len(reports)} of {expected} target modules")
     if storage_dtype is not None:
         _round_through(model, storage_dtype)
     timings["compress_total"] = time.perf_counter() - start
-    return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype)
+    return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype, refinements)
+
+
+def _dense_statistics_suffice(recipe: Recipe) -> bool:
+    """The dense model's statistics are all the recipe uses: no layer sees anything compressed before it."""
+    return (recipe.sequential.inputs == "dense" and recipe.sequential.granularity == "layer"
+            and recipe.refine.epochs == 0)
 
 
 def _check_streamable(recipe: Recipe, statistics) -> None:

@@ -1,8 +1,10 @@
-"""Diagonal Fisher information of the targeted weights: squared gradients of the LM loss (for `fwsvd`).
+"""Diagonal Fisher information of the targeted weights: squared gradients of the LM loss (for `fwsvd`; and of
+their outputs, for rank allocation `weight: loss`).
 
     fisher = collect_fisher(model, batches, ["model.layers.0.mlp.up_proj", ...], device="cuda", batch_size=8)
     fisher["model.layers.0.mlp.up_proj"].out   # (m,) fp64: Σ_chunks Σ_j (∂L_c/∂W_ij)²  (one per output row)
     fisher["model.layers.0.mlp.up_proj"].in_   # (n,) fp64: Σ_chunks Σ_i (∂L_c/∂W_ij)²  (one per input column)
+    fisher["model.layers.0.mlp.up_proj"].output_grad_sq  # (m,) fp64: Σ_chunks Σ_t (∂L_c/∂y_ti)²  (per output channel)
 
 I_ij ≈ Σ_c (∂L_c/∂W_ij)², L_c the mean next-token cross-entropy of calibration chunk c (`batch_size` windows;
 HF's `model(input_ids=chunk, labels=chunk).loss`): the mini-batch empirical Fisher, as Hsu et al. (2022)
@@ -11,7 +13,9 @@ Fisher (chunks of one window) is the textbook empirical Fisher; measured on Smol
 fwsvd worse than plain SVD (perplexity 2.2e7 vs 1.9e7; chunks of 8: 8.9e6), on the shipped model slightly
 better (36.420 vs 36.430) — `batch_size` chooses. For a linear y = W x, ∂L_c/∂W = Σ_t δ_t x_tᵀ over the chunk's
 tokens (δ = ∂L_c/∂y): hooks see x and δ, so no parameter ever needs `.grad`. Both axis sums are kept (m + n
-numbers per module), so `fwsvd`'s `axis` option picks either without a second pass.
+numbers per module), so `fwsvd`'s `axis` option picks either without a second pass. The same hooks also fold δ
+itself, squared per output channel (m more numbers): the loss's sensitivity to the module's OUTPUT, which rank
+allocation `weight: loss` uses to put every module's output error in units of loss (compressor/allocation.py).
 
 Memory plan: layer by layer, like the statistics pass, so models larger than the device work. Per chunk of
 `batch_size` windows:
@@ -45,6 +49,8 @@ class FisherDiag(NamedTuple):
 
     out: torch.Tensor  # (m,): summed over input columns
     in_: torch.Tensor  # (n,): summed over output rows
+    # (m,): Σ_chunks Σ_t (∂L_c/∂y_t)², the squared gradient w.r.t. the module's output y_t = W x_t per channel
+    output_grad_sq: torch.Tensor | None = None
 
 
 class _Inject(nn.Module):
@@ -95,10 +101,12 @@ def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.
                 return  # the loss does not depend on this call's output
             x = args[0].detach()
 
-            def fold(grad):  # the chunk's weight gradient Σ_t δ_t x_tᵀ, squared
-                sq = (grad.reshape(-1, grad.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()).square_()
+            def fold(grad):  # the chunk's weight gradient Σ_t δ_t x_tᵀ, squared; and Σ_t δ_t² itself
+                delta = grad.reshape(-1, grad.shape[-1]).float()
+                sq = (delta.T @ x.reshape(-1, x.shape[-1]).float()).square_()
                 sums[name][0].add_(sq.sum(1, dtype=torch.float64))
                 sums[name][1].add_(sq.sum(0, dtype=torch.float64))
+                sums[name][2].add_(delta.square().sum(0, dtype=torch.float64))
 
             output.register_hook(fold)
 
@@ -110,8 +118,9 @@ def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.
 def collect_fisher(
     model: nn.Module, batches: torch.Tensor, target_names, *, device="cpu", batch_size: int = 8, layer_io=None
 ) -> dict[str, FisherDiag]:
-    """Squared LM-loss gradients of the weights of `target_names` (nn.Linear names in the decoder layers), summed
-    over chunks of `batch_size` rows of `batches` (token ids, nsamples × seqlen). The model is returned unchanged.
+    """Squared LM-loss gradients of the weights (and outputs) of `target_names` (nn.Linear names in the decoder
+    layers), summed over chunks of `batch_size` rows of `batches` (token ids, nsamples × seqlen). The model is
+    returned unchanged.
 
     `layer_io` (compressor/streaming.py): decoder layers that live on disk (meta device) until needed, with
     `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device."""
@@ -125,7 +134,8 @@ def collect_fisher(
             raise ValueError(f"{name} is not inside a decoder layer; the Fisher pass covers decoder linears only")
         per_layer[owners[id(module)]][name] = module
     sums = {name: [torch.zeros(m.weight.shape[0], dtype=torch.float64, device=device),
-                   torch.zeros(m.weight.shape[1], dtype=torch.float64, device=device)]
+                   torch.zeros(m.weight.shape[1], dtype=torch.float64, device=device),
+                   torch.zeros(m.weight.shape[0], dtype=torch.float64, device=device)]
             for targets in per_layer for name, m in targets.items()}
 
     params = list(model.parameters())
@@ -150,7 +160,7 @@ def collect_fisher(
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    return {name: FisherDiag(out.cpu(), in_.cpu()) for name, (out, in_) in sums.items()}
+    return {name: FisherDiag(*(t.cpu() for t in sums[name])) for name in sums}
 
 
 class _Visits:

@@ -32,6 +32,10 @@ class LowRankLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.B.weight.double() @ self.A.weight.double()
 
+    def refinable_parameters(self) -> list[nn.Parameter]:
+        """What block refinement (compressor/refine.py) may train: the factors, not the bias."""
+        return [self.A.weight, self.B.weight]
+
     def spec(self) -> dict:
         return {"kind": "lowrank", "rank": self.rank}
 
@@ -71,6 +75,10 @@ class QuantLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         w = self.dequantized_weight().to(self.scales.device, torch.float64)
         return w + self.lora_B.weight.double() @ self.lora_A.weight.double() if self.rank else w
+
+    def refinable_parameters(self) -> list[nn.Parameter]:
+        """The EoRA residual only: the packed quantised weights stay as they are."""
+        return [self.lora_A.weight, self.lora_B.weight] if self.rank else []
 
     def forward(self, x):
         y = nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
@@ -126,6 +134,10 @@ class LowRankSparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         return self.B.weight.double() @ self.A.weight.double() + self.sparse_weight(torch.float64)
+
+    def refinable_parameters(self) -> list[nn.Parameter]:
+        """Factors and the kept sparse values (the sparsity pattern stays fixed)."""
+        return [self.A.weight, self.B.weight, self.S_values]
 
     def forward(self, x):
         y = self.B(self.A(x))

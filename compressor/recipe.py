@@ -38,17 +38,41 @@ class Calibration(Strict):
     nsamples: int = Field(64, gt=0)
     seqlen: int = Field(256, gt=1)
     seed: int = 0
+    # Attention sinks: the first token(s) of every window carry activations orders of magnitude larger than the
+    # rest and would dominate the Grams, the eigenvalue floor and the refinement loss.
+    skip_first: int = Field(0, ge=0, description="leave the first k positions of every window out of the "
+                                                 "statistics and the refinement loss (attention sinks)")
 
 
 class Sequential(Strict):
     inputs: Literal["compressed", "dense"] = "compressed"
+    # `group`: inside a decoder layer, the targets that share an input ([q,k,v] → [o] → [gate,up] → [down], in
+    # execution order) are calibrated one group at a time, each on inputs produced with the earlier groups of
+    # the same layer already compressed (GPTQ's true-sequential). `layer`: every group on the dense layer.
+    granularity: Literal["layer", "group"] = "layer"
+
+
+class Refinement(Strict):
+    """Block refinement (AA-SVD-style): after a decoder layer's targets are compressed, Adam on only the new
+    modules' refinable parameters (low-rank factors) so the layer's outputs match `target` on the calibration
+    windows. epochs: 0 turns it off."""
+
+    epochs: int = Field(0, ge=0, description="passes over the calibration windows per decoder layer (0: off)")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    batch_size: int = Field(8, gt=0, description="calibration windows per Adam step")
+    target: Literal["compressed", "dense"] = Field(
+        "compressed", description="match the dense layer's outputs on the compressed model's inputs (compressed) "
+                                  "or the dense model's own outputs (dense: a second activation stream)")
+    seed: int = 0
 
 
 class Allocation(Strict):
     energy: float = Field(0.95, gt=0, le=1, description="`energy`: kept fraction of each matrix's spectral energy")
     # `global`: weigh each module's output error raw (default: lower PPL on the demo model at 20% and 40%) or
     # relative to ‖W X‖².
-    weight: Literal["raw", "relative"] = "raw"
+    # `loss`: weigh each module's output error by the mean squared LM-loss gradient of its outputs (a Fisher /
+    # Gauss-Newton estimate of the loss increase, commensurate across modules; one extra backward pass).
+    weight: Literal["raw", "relative", "loss"] = "raw"
     min_rank: int = Field(1, gt=0, description="`global`: floor on every module's rank")
 
 
@@ -71,6 +95,7 @@ class Recipe(Strict):
     # keeping a fraction of each matrix's whitened energy (`energy`), or one budget for all targets (`global`).
     allocation: Literal["uniform", "energy", "global"] = "uniform"
     allocation_options: Allocation = Allocation()
+    refine: Refinement = Refinement()
 
     def method_options(self) -> BaseModel:
         """The method's validated options (a frozen pydantic model)."""

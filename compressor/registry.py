@@ -9,6 +9,8 @@ A method is a pure function on tensors (see `compressor/methods/`). It declares
 - `factorizes`: True when the method *replaces* W by rank-r factors, so the pipeline resolves the rank from
   `rank`/`param_ratio` with rank.py and skips targets where factoring would grow the layer. Methods whose rank
   is an addition (EoRA's residual) or that have no rank (RTN) set it False and read their options directly.
+- `spectrum` and `spectrum_units`: what rank allocation optimises, and in which units its error is measured (see
+  SPECTRUM_UNITS). Only commensurate units can be compared raw across modules by `allocation: global`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from typing import Callable
 from pydantic import BaseModel
 
 KNOWN_STATS = frozenset({"gram", "abs_mean", "fisher", "cross"})
+
+# What the squared tail Σ_{i>r} σᵢ² of a method's spectrum measures (`spectrum_units`):
+SPECTRUM_UNITS = {
+    # ‖(W − Ŵ)X‖_F² on the calibration inputs X: the same units in every module. The rows of W are the output
+    # channels, so the spectrum of diag(c)·W weighs each channel's output error by c² (allocation `weight: loss`).
+    "output": "output error on the calibration inputs",
+    # ‖W − Ŵ‖_F²: the same units in every module (though blind to the inputs).
+    "weight": "weight error",
+    # an error under a scaling normalised per module (ASVD, FWSVD): its scale is arbitrary per module, so only
+    # scale-free comparisons (energy, `weight: relative`) are meaningful.
+    "scaled": "per-module scaled error",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class Method:
     # method's own error at rank r: what rank allocation (energy / global) optimises. None: no allocation.
     spectrum: Callable | None = None
     extra_needs: Callable | None = None  # options -> further statistics names (validated when asked)
+    spectrum_units: str | None = None  # one of SPECTRUM_UNITS; required with a spectrum
 
     def needs_for(self, options) -> frozenset:
         """The statistics this method needs with these options."""
@@ -46,15 +61,20 @@ _METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str, spectrum=None,
-             extra_needs=None):
+             spectrum_units: str | None = None, extra_needs=None):
     unknown = set(needs) - KNOWN_STATS
     if unknown:
         raise ValueError(f"method {name!r} needs unknown statistics {sorted(unknown)}")
+    if spectrum is not None and spectrum_units not in SPECTRUM_UNITS:
+        raise ValueError(f"method {name!r}: a spectrum needs spectrum_units, one of {sorted(SPECTRUM_UNITS)}")
+    if spectrum is None and spectrum_units is not None:
+        raise ValueError(f"method {name!r}: spectrum_units without a spectrum")
 
     def wrap(fn):
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary, spectrum, extra_needs)
+        _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary, spectrum, extra_needs,
+                                spectrum_units)
         return fn
 
     return wrap

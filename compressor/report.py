@@ -78,6 +78,8 @@ def build_report(result, *, model_source: str, params_before: int, params_after:
         "method": result.recipe.method,
         "options": result.recipe.method_options().model_dump(),
         "sequential_inputs": result.recipe.sequential.inputs,
+        "sequential_granularity": result.recipe.sequential.granularity,
+        "refinement": [r.to_dict() for r in getattr(result, "refinement", [])],
         "calibration": result.calibration,
         "device": str(device),
         "environment": {"python": platform.python_version(), "torch": torch.__version__},
@@ -144,6 +146,15 @@ def render_markdown(report: dict, plots=()) -> str:
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()),
         "",
     ]
+    refinement = report.get("refinement") or []
+    if refinement:
+        lines += ["Block refinement (relative output error² of each decoder layer on the calibration windows):", "",
+                  "| layer | before | after | steps | refined params | s |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in refinement:
+            after = f"{r['loss_after']:.5f}" + (" (reverted)" if r.get("reverted") else "")
+            lines.append(f"| {r['layer']} | {r['loss_before']:.5f} | {after} | {r['steps']} | {r['parameters']:,} | "
+                         f"{r['seconds']:.1f} |")
+        lines.append("")
     if plots:
         from compressor.plots import PLOTS
 

@@ -17,6 +17,7 @@ and one more forward per layer.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Callable
 
@@ -115,10 +116,23 @@ def run_sequential(
     propagate: str = "compressed",
     progress: Callable[[int], None] | None = None,
     layer_io=None,
+    granularity: str = "layer",
+    skip_first: int = 0,
+    refine: Callable | None = None,
+    refine_target: str = "compressed",
 ) -> None:
     """`layer_io` (see compressor/streaming.py): an object with `load(index, layer)`, called before a layer is
     used, and `done(index, layer)`, called once the runner no longer needs it — for weights that live on disk
-    until needed (the decoder layers are then on the meta device until loaded)."""
+    until needed (the decoder layers are then on the meta device until loaded).
+
+    `granularity="group"`: the targets of a layer are compressed group by group (the linears sharing an input,
+    in the order the layer calls them), each group's statistics collected with the earlier groups already
+    compressed; `on_layer` is then called once per group with a collector over that group only.
+    `skip_first`: positions per window left out of the statistics (attention sinks).
+    `refine(index, layer, calls, targets, device, offload) -> outputs`: called once a layer's targets are all
+    compressed, with the layer's calibration inputs and the outputs it should reproduce — the dense layer's on
+    the same inputs (`refine_target="compressed"`) or the dense model's own (`"dense"`: a second, dense stream);
+    it returns the compressed layer's outputs for `calls`, the next layer's inputs."""
     path, layers = find_decoder_layers(model)
     was_training = model.training
     model.eval()
@@ -129,32 +143,44 @@ def run_sequential(
             layer.to(offload)
 
     calls = capture_layer_inputs(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
-    # The dense model's own activations, kept beside the compressed ones only when "cross" asks for them.
-    dense_calls = list(calls) if "cross" in needs and propagate == "compressed" else None
+    # The dense model's own activations, kept beside the compressed ones only when something asks for them.
+    dense_wanted = "cross" in needs or (refine is not None and refine_target == "dense")
+    dense_calls = list(calls) if dense_wanted and propagate == "compressed" else None
     for index, layer in enumerate(layers):
         if layer_io is not None:
             layer_io.load(index, layer)
         layer.to(device)
-        collector = StatsCollector(layer_targets[index], needs)
+        targets = layer_targets[index]
+        # Group-sequential "cross" needs the dense layer's inputs of later groups after earlier ones are swapped.
+        dense_copy = _dense_twin(layer, targets) if granularity == "group" and targets and dense_calls is not None \
+            and "cross" in needs else None
+        collector = StatsCollector(targets, needs, skip_first=skip_first)
         try:
-            outs, dense_outs = [], []
-            for b, call in enumerate(calls):
-                reference = None
-                if dense_calls is not None:
-                    collector.paused = True
-                    with _recorded_inputs(layer_targets[index]) as reference:
-                        dense_outs.extend(_run_layer(layer, [dense_calls[b]], device, offload))
-                    collector.paused = False
-                collector.start_batch(reference)
-                outs.extend(_run_layer(layer, [call], device, offload))
-                del reference
+            outs, dense_outs = _calibrate(layer, calls, dense_calls, collector, targets, device, offload)
         finally:
             collector.remove()
-        if layer_targets[index]:
-            on_layer(index, collector)
-        del collector  # its Grams and kept inputs are dead weight from here on (hundreds of MB for 1B-sized layers)
-        if propagate == "compressed" and layer_targets[index]:
-            outs = _run_layer(layer, calls, device, offload)
+        if targets:
+            groups = _groups_in_call_order(collector, targets) if granularity == "group" else [list(targets)]
+            for g, names in enumerate(groups):
+                if g > 0:  # the earlier groups are compressed now: calibrate this one on what they produce
+                    collector = StatsCollector({n: targets[n] for n in names}, needs, skip_first=skip_first)
+                    try:
+                        twin = None if dense_copy is None else (dense_copy[0], {n: dense_copy[1][n] for n in names})
+                        _calibrate(layer, calls, dense_calls if twin else None, collector, targets, device, offload,
+                                   dense_twin=twin)
+                    finally:
+                        collector.remove()
+                on_layer(index, collector.restricted(names) if len(groups) > 1 else collector)
+                del collector  # its Grams and kept inputs are dead weight from here on
+                collector = None
+        del dense_copy
+        refined = None
+        if refine is not None and targets:
+            wanted = dense_outs if refine_target == "dense" and dense_calls is not None else outs
+            outputs = refine(index, layer, calls, [hidden_of(c) for c in wanted], device, offload)
+            refined = [with_hidden(call, y) for call, y in zip(calls, outputs)]
+        if propagate == "compressed" and targets:
+            outs = refined if refined is not None else _run_layer(layer, calls, device, offload)
         calls = outs
         if dense_calls is not None:
             dense_calls = dense_outs
@@ -166,6 +192,45 @@ def run_sequential(
     # The embeddings and head follow the layers back: one place for the whole model.
     move_all_but_layers(model, offload)
     model.train(was_training)
+
+
+def _calibrate(layer, calls, dense_calls, collector: StatsCollector, targets, device, offload, dense_twin=None):
+    """Run every calibration batch through `layer` with `collector`'s hooks on; return (outputs, dense outputs).
+
+    With `dense_calls`, each batch first runs on the dense stream — through `layer` itself while it is still
+    dense (hooks paused; that also yields the dense stream's next inputs), or through `dense_twin` (a dense copy
+    and its targets by name) once parts of `layer` are compressed — recording each target's dense input, which
+    the collector pairs with the compressed input ("cross")."""
+    outs, dense_outs = [], []
+    for b, call in enumerate(calls):
+        reference = None
+        if dense_calls is not None:
+            twin, twin_targets = dense_twin if dense_twin is not None else (layer, targets)
+            collector.paused = True
+            with _recorded_inputs(twin_targets) as reference:
+                dense_outs.extend(_run_layer(twin, [dense_calls[b]], device, offload))
+            collector.paused = False
+            if "cross" not in collector.needs:
+                reference = None
+        collector.start_batch(reference)
+        outs.extend(_run_layer(layer, [call], device, offload))
+        del reference
+    return outs, dense_outs
+
+
+def _groups_in_call_order(collector: StatsCollector, targets: dict) -> list[list[str]]:
+    """The targets grouped by shared input, in the order the layer first called them (the module graph, not
+    names); targets never called form a last group, so that the caller reports them."""
+    groups = [[n for n in targets if collector.owner.get(n) == owner] for owner in collector.stats]
+    uncalled = [n for n in targets if n not in collector.owner]
+    return groups + ([uncalled] if uncalled else [])
+
+
+def _dense_twin(layer: nn.Module, targets: dict) -> tuple[nn.Module, dict]:
+    """A dense copy of `layer` and its targets by the same full names (one more layer of memory)."""
+    local = {id(m): n for n, m in layer.named_modules()}
+    twin = copy.deepcopy(layer)
+    return twin, {name: twin.get_submodule(local[id(module)]) for name, module in targets.items()}
 
 
 @contextmanager

@@ -43,11 +43,17 @@ class Stats:
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
 
-    def whitening(self, eig_floor: float = DEFAULT_EIG_FLOOR, method: str = "eigh") -> Whitening:
-        """Whitening of the Gram, computed once per shared input (q/k/v, gate/up ask for the same)."""
-        key = (eig_floor, method)
+    def whitening(self, eig_floor: float = DEFAULT_EIG_FLOOR, method: str = "eigh", ridge: float = 0.0) -> Whitening:
+        """Whitening of the Gram, computed once per shared input (q/k/v, gate/up ask for the same). `ridge` = δ
+        whitens G + λI with λ = δ·tr(G)/n instead (the clamp or damping then acts on that)."""
+        key = (eig_floor, method, ridge)
         if key not in self._whitening:
-            self._whitening[key] = whitening(self.gram, eig_floor, method)
+            gram = self.gram
+            if ridge:
+                n = gram.shape[-1]
+                eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+                gram = gram + (ridge * gram.diagonal().sum() / n) * eye
+            self._whitening[key] = whitening(gram, eig_floor, method)
         return self._whitening[key]
 
     def release_derived(self) -> None:
@@ -65,6 +71,9 @@ class StatsCollector:
     _seen: dict = field(default_factory=dict)
     _reference: dict | None = None  # module name -> the dense model's input for this batch ("cross")
     paused: bool = False  # hooks see nothing while True (the runner's dense-stream forward)
+    # Positions 0..skip_first-1 of every window (attention sinks) are left out of every statistic. Inputs are
+    # (windows, positions, features); the count is of the tokens kept.
+    skip_first: int = 0
 
     def __post_init__(self):
         for name, module in self.modules.items():
@@ -88,7 +97,7 @@ class StatsCollector:
             self.owner.setdefault(name, first)
             if first != name:
                 return  # same input as an earlier linear of this forward: its accumulator already has it
-            self._accumulate(name, x.detach().reshape(-1, x.shape[-1]))
+            self._accumulate(name, self._kept(x.detach()).reshape(-1, x.shape[-1]))
 
         return hook
 
@@ -116,11 +125,26 @@ class StatsCollector:
                 raise ValueError('"cross" statistics are accumulated next to the Gram: request "gram" too')
             s.cross = s.gram  # the inputs are the dense model's: Σ x x̂ᵀ is the Gram (same tensor, no copy)
             return
-        ref = self._reference[name].reshape(-1, x.shape[-1])
+        ref = self._kept(self._reference[name]).reshape(-1, x.shape[-1])
         if s.cross is None:
             s.cross = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
         for r, c in zip(ref.split(GRAM_CHUNK), x.split(GRAM_CHUNK)):
             s.cross.add_(r.float().T @ c.float())
+
+    def _kept(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.skip_first:
+            return x
+        if x.dim() < 3:
+            raise ValueError(f"skip_first needs inputs shaped (windows, positions, features), got {tuple(x.shape)}")
+        return x[:, self.skip_first :]
+
+    def restricted(self, names) -> "StatsCollector":
+        """A view (no hooks) of the statistics of `names` only: one group of a group-sequential layer."""
+        view = StatsCollector({}, self.needs, skip_first=self.skip_first)
+        view.modules = {n: self.modules[n] for n in names}
+        view.owner = {n: self.owner[n] for n in names if n in self.owner}
+        view.stats = {o: self.stats[o] for o in dict.fromkeys(view.owner.values())}
+        return view
 
     def for_module(self, name: str) -> Stats:
         return self.stats[self.owner[name]]

@@ -41,7 +41,7 @@ ROWS = [
         ("asvd", "asvd-20", []),
         ("svd-llm", "svd-llm-20", []),
         ("svd-llm+global", "svd-llm-20", ["allocation=global"]),
-        ("svd-llm+error-aware", "svd-llm-20", ["error_aware=true"]),
+        ("svd-llm+beta0.5+ridge0.01", "svd-llm-20", ["beta=0.5", "ridge=0.01"]),
     )
 ] + [
     ("lowrank-sparse 50%", "lowrank-sparse-50", []),

@@ -1,15 +1,24 @@
-"""Rank allocation (recipe `allocation: energy | global`): budget, never growing a layer, optimality."""
+"""Rank allocation (recipe `allocation: energy | global`): budget, never growing a layer, optimality; which
+spectra `global` may compare raw; `weight: loss` (output gradients from the Fisher pass)."""
 
 import copy
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from compressor import api
+from compressor import api, registry
+from compressor.allocation import allocate_ranks
+from compressor.errors import UserError
+from compressor.fisher import FisherDiag, collect_fisher
 from compressor.rank import allocate_energy, allocate_global, max_rank, predicted_relative_error
 from compressor.recipe import load_recipe
+from compressor.stats import Stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spectra_and_shapes(seed=0):
@@ -95,8 +104,137 @@ def test_global_allocation_in_the_pipeline_respects_the_recipe_budget_and_predic
 
 
 def test_allocation_refuses_methods_without_a_rank():
-    from compressor.errors import UserError
-
     with pytest.raises(UserError, match="no rank to allocate"):
         api.compress(tiny_llama(), load_recipe("rtn-4bit", ["allocation=global"]),
                      batches=torch.randint(0, 256, (2, 16)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which spectra `global` may compare across modules
+
+
+def test_every_spectrum_declares_its_units():
+    for name in registry.names():
+        method = registry.get(name)
+        assert (method.spectrum is None) == (method.spectrum_units is None), name
+    units = {name: registry.get(name).spectrum_units for name in ("svd", "svd-llm", "asvd", "fwsvd")}
+    assert units == {"svd": "weight", "svd-llm": "output", "asvd": "scaled", "fwsvd": "scaled"}
+
+
+@pytest.mark.parametrize("recipe", ["asvd-20", "fwsvd-20"])
+def test_raw_global_allocation_of_per_module_scaled_spectra_is_refused_before_calibration(recipe):
+    # No batches and no tokenizer: any calibration work would fail differently (ValueError), so the UserError
+    # proves the refusal comes first.
+    for weight, says in (("raw", "scales each module's spectrum arbitrarily"), ("loss", "needs a spectrum of output")):
+        overrides = ["allocation=global", f"allocation_options.weight={weight}"]
+        with pytest.raises(UserError) as err:
+            api.compress(tiny_llama(), load_recipe(recipe, overrides))
+        message = str(err.value)
+        assert says in message and "\n" not in message
+        assert f"'{recipe.split('-')[0]}'" in message and "allocation_options.weight: relative" in message
+    with pytest.raises(UserError, match="'svd' gives a weight error"):
+        api.compress(tiny_llama(), load_recipe("svd-20", ["allocation=global", "allocation_options.weight=loss"]))
+
+
+@pytest.mark.parametrize("recipe", ["asvd-20", "fwsvd-20"])
+def test_relative_global_allocation_of_scaled_spectra_runs(recipe):
+    batches = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    overrides = ["allocation=global", "allocation_options.weight=relative"]
+    result = api.compress(tiny_llama(), load_recipe(recipe, overrides), batches=batches)
+    assert sum(r.params_after for r in result.modules) <= 0.8 * sum(r.params_before for r in result.modules)
+    assert len({r.spec["rank"] for r in result.modules if r.compressed}) > 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `weight: loss`
+
+
+def test_output_gradient_statistic_equals_whole_model_autograd():
+    model, reference = tiny_llama(), tiny_llama()
+    batches = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(2))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"]
+    fisher = collect_fisher(model, batches, names, batch_size=2)  # chunks of 2, 2 and 1 windows
+
+    # Reference: HF's own loss per chunk, autograd to each module's output y, Σ_t (∂L_c/∂y_t)² per channel.
+    outputs = {}
+    hooks = [reference.get_submodule(n).register_forward_hook(
+        lambda module, args, out, n=n: outputs.__setitem__(n, out)) for n in names]
+    expected = {n: 0 for n in names}
+    for s in range(0, 5, 2):
+        loss = reference(input_ids=batches[s : s + 2], labels=batches[s : s + 2], use_cache=False).loss
+        grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+        for n, g in zip(names, grads):
+            expected[n] = expected[n] + g.double().square().flatten(0, -2).sum(0)
+    for hook in hooks:
+        hook.remove()
+    for n in names:
+        got = fisher[n].output_grad_sq
+        assert got.dtype == torch.float64 and got.shape == (reference.get_submodule(n).out_features,)
+        assert torch.allclose(got, expected[n], rtol=1e-5, atol=0)
+        assert expected[n].min() > 0
+    # The existing weight statistics are still the squared weight gradients' row sums (unchanged by the new fold).
+    W = reference.get_submodule(names[2]).weight
+    sq = sum(torch.autograd.grad(reference(input_ids=batches[s : s + 2], labels=batches[s : s + 2],
+                                           use_cache=False).loss, W)[0].double().square() for s in range(0, 5, 2))
+    assert torch.allclose(fisher[names[2]].out, sq.sum(1), rtol=1e-5, atol=0)
+
+
+def two_module_case(h: dict[str, torch.Tensor]):
+    """Three targets; a and b have the same weight and inputs, so only the output gradients h tell them apart."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 32, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 32, dtype=torch.float64)
+    stats = Stats(count=400, gram=x.T @ x)
+    shared = torch.randn(40, 32, generator=g) * torch.logspace(0, -1.5, 32)
+    targets = {}
+    for name, weight in (("a", shared), ("b", shared), ("c", torch.randn(24, 32, generator=g))):
+        targets[name] = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        targets[name].weight.data.copy_(weight)
+    statistics = SimpleNamespace(layers=[({n: [n] for n in targets}, {n: copy.deepcopy(stats) for n in targets})])
+    fisher = {n: FisherDiag(out=None, in_=None, output_grad_sq=h[n]) for n in targets}
+    return [targets], statistics, fisher
+
+
+def test_loss_weight_spends_exactly_the_budget_and_follows_the_output_gradients():
+    h = {"a": torch.full((40,), 1.0, dtype=torch.float64), "b": torch.full((40,), 30.0, dtype=torch.float64),
+         "c": torch.full((24,), 3.0, dtype=torch.float64)}
+    layer_targets, statistics, fisher = two_module_case(h)
+    method = registry.get("svd-llm")
+    loss = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=loss"])
+    raw = load_recipe("svd-llm-20", ["allocation=global"])
+    options = loss.method_options()
+    by_loss = {n: r for n, (r, _) in allocate_ranks(loss, method, options, layer_targets, statistics, fisher).items()}
+    by_raw = {n: r for n, (r, _) in allocate_ranks(raw, method, options, layer_targets, statistics).items()}
+
+    shapes = {n: tuple(m.weight.shape) for n, m in layer_targets[0].items()}
+    budget = sum(int(0.8 * m * n / (m + n)) * (m + n) for m, n in shapes.values())  # what uniform stores
+    spent = sum(by_loss[n] * sum(shapes[n]) for n in shapes)
+    assert spent <= budget
+    for n, (m, k) in shapes.items():  # no further singular value of any module fits
+        assert by_loss[n] == max_rank(m, k) or spent + m + k > budget
+    assert abs(by_raw["a"] - by_raw["b"]) <= 1  # same weight, same inputs: raw cannot tell them apart (ties)
+    assert by_loss["b"] > by_raw["b"] and by_loss["a"] < by_raw["a"]  # the loss can
+    # Flat h per module: the loss weight is the raw output error times h̄, exactly.
+    spectra = {n: method.spectrum(m.weight.detach()[None], statistics.layers[0][1][n], options)[0] * h[n][0].sqrt()
+               for n, m in layer_targets[0].items()}
+    assert by_loss == allocate_global(spectra, shapes, budget, weight="raw")
+    with pytest.raises(ValueError, match="needs the Fisher pass"):
+        allocate_ranks(loss, method, options, layer_targets, statistics)
+
+
+def test_loss_weighted_global_allocation_end_to_end():
+    batches = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    recipe = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=loss"])
+    result = api.compress(tiny_llama(), recipe, batches=batches)
+    raw = api.compress(tiny_llama(), load_recipe("svd-llm-20", ["allocation=global"]), batches=batches)
+    assert "fisher" in result.timings and "allocation" in result.timings
+    before = sum(r.params_before for r in result.modules)
+    assert sum(r.params_after for r in result.modules) <= 0.8 * before
+    ranks = {r.name: r.spec["rank"] for r in result.modules if r.compressed}
+    assert len(ranks) == 14 and ranks != {r.name: r.spec["rank"] for r in raw.modules if r.compressed}
+    for r in result.modules:  # the predictions stay the method's own (unweighted) output errors
+        if ".layers.0." in r.name:
+            assert r.rel_output_error == pytest.approx(r.predicted_rel_output_error, rel=1e-3, abs=1e-6)
+    dense = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=loss", "sequential.inputs=dense"])
+    stats = api.collect_statistics(tiny_llama(), batches, [dense])
+    with pytest.raises(ValueError, match="needs calibration `batches`"):
+        api.compress(tiny_llama(), dense, statistics=stats)

@@ -1,5 +1,6 @@
-"""Error-aware SVD-LLM (`error_aware: true`): fit the dense model's outputs W·X from the compressed model's inputs X̂
-(../shared/METHODS.md, "Error-aware variant"), and the runner's second (dense) activation stream behind it."""
+"""SVD-LLM's `beta` / `ridge` options: over rank-r Ŵ minimise (1 − β)‖(W − Ŵ)X̂‖² + β‖W X − Ŵ X̂‖² + λ‖W − Ŵ‖²_F,
+λ = δ·tr(Ĝ)/n (compressor/methods/svd_llm.py; ../shared/METHODS.md, "Error-aware variant"), and the runner's second
+(dense) activation stream behind β > 0."""
 
 from __future__ import annotations
 
@@ -19,20 +20,103 @@ from tests.test_streaming import _checkpoint, _in_memory, _tensors
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _error_aware_stats(X, Xh):
+def _two_stream_stats(X, Xh):
     """Stats of inputs X̂ (rows = tokens) with the cross statistic against the dense inputs X."""
     return Stats(count=X.shape[0], gram=Xh.T @ Xh, cross=X.T @ Xh)
 
 
-def test_error_aware_is_the_optimum_of_the_dense_output_target():
+def _perturbed(X, seed, scale=0.3):
+    """X̂: X plus an upstream compression error."""
+    g = torch.Generator().manual_seed(seed)
+    return X + scale * torch.randn(X.shape, generator=g, dtype=torch.float64) * X.std(0)
+
+
+def _objective(W, What, X, Xh, beta, ridge):
+    """(1 − β)‖(W − Ŵ)X̂‖² + β‖W X − Ŵ X̂‖² + λ‖W − Ŵ‖²_F from the explicit matrices (rows of X = tokens)."""
+    lam = ridge * (Xh.T @ Xh).trace() / W.shape[-1]
+    return ((1 - beta) * (Xh @ (W - What).T).pow(2).sum() + beta * (X @ W.T - Xh @ What.T).pow(2).sum()
+            + lam * (W - What).pow(2).sum()).item()
+
+
+def test_no_beta_and_a_vanishing_ridge_is_plain_svd_llm_despite_a_cross_statistic():
+    X = correlated_inputs(16, 300, seed=5)
+    W = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stats = _two_stream_stats(X, _perturbed(X, 5))
+    assert (stats.cross - stats.gram).abs().max() > 0.1 * stats.gram.abs().max()  # the cross term is nontrivial
+    ridged, plain = run("svd-llm", W, stats, 5, ridge=1e-12), run("svd-llm", W, stats, 5)
+    for a, p in zip(ridged.factors, plain.factors):
+        torch.testing.assert_close(a.dense(), p.dense(), rtol=0, atol=1e-6 * p.dense().abs().max().item())
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+@pytest.mark.parametrize("ridge", [0.0, 0.1])
+def test_beta_and_ridge_give_the_optimum_of_their_objective(beta, ridge):
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(400, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    Xh = _perturbed(X, 8)
+    W = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    stats = _two_stream_stats(X, Xh)
+    assert stats.whitening(ridge=ridge).clamped == 0  # well conditioned: no clamp regulariser in play
+    f = lambda What: _objective(W, What, X, Xh, beta, ridge)  # noqa: E731
+    # Full rank: the unconstrained minimiser W(C_β + λI)(Ĝ + λI)⁻¹.
+    lam = ridge * stats.gram.trace() / 12
+    eye = torch.eye(12, dtype=torch.float64)
+    c_beta = stats.gram + beta * (stats.cross - stats.gram)
+    best = W @ (c_beta + lam * eye) @ torch.linalg.inv(stats.gram + lam * eye)
+    full = run("svd-llm", W[None], stats, 10, beta=beta, ridge=ridge).factors[0].dense()
+    torch.testing.assert_close(full, best, rtol=0, atol=1e-5 * best.abs().max().item())
+    method = registry.get("svd-llm")
+    s = method.spectrum(W[None], stats, method.Options(rank=4, beta=beta, ridge=ridge))
+    for rank in (2, 4, 7):
+        ours = run("svd-llm", W[None], stats, rank, beta=beta, ridge=ridge).factors[0]
+        value = f(ours.dense())
+        # The discarded σ² of the target are exactly the objective's rank-dependent part (rank allocation uses them).
+        assert value - f(best) == pytest.approx(s[0, rank:].pow(2).sum().item(), rel=1e-5)
+        assert value < f(run("svd-llm", W[None], stats, rank).factors[0].dense())  # plain SVD-LLM at the same rank
+        B, A = ours.B.double(), ours.A.double()
+        for seed in range(4):  # any other rank-r map does no better
+            noise = torch.Generator().manual_seed(seed)
+            dB = torch.randn(B.shape, generator=noise, dtype=torch.float64) * 1e-2 * B.abs().mean()
+            dA = torch.randn(A.shape, generator=noise, dtype=torch.float64) * 1e-2 * A.abs().mean()
+            assert value < f((B + dB) @ (A + dA))
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_ridge_shrinks_towards_w(beta):
+    X = correlated_inputs(24, 400, seed=3)
+    Xh = _perturbed(X, 4)
+    W = torch.randn(2, 20, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    stats = _two_stream_stats(X, Xh)
+    distances = []
+    for ridge in (0.0, 0.01, 0.1, 1.0):
+        assert stats.whitening(ridge=ridge).clamped == 0
+        result = run("svd-llm", W, stats, 8, beta=beta, ridge=ridge)
+        distances.append(torch.stack([(w - f.dense()).norm() for w, f in zip(W, result.factors)]))
+    for closer, farther in zip(distances[1:], distances):
+        assert (closer <= farther * (1 + 1e-9)).all()
+    assert (distances[-1] < 0.9 * distances[0]).all()  # and really shrinks
+
+
+def test_the_ridged_whitening_is_computed_once_per_shared_input():
+    X = correlated_inputs(16, 300, seed=5)
+    stats = Stats(count=300, gram=X.T @ X)
+    white = stats.whitening(ridge=0.1)
+    W = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    run("svd-llm", W, stats, 5, ridge=0.1)  # q, k, v of one input ask for the same whitening
+    assert stats.whitening(ridge=0.1) is white and stats.whitening() is not white
+    ridged = X.T @ X + 0.1 * (X.T @ X).trace() / 16 * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(white.S @ white.S.T, ridged)
+
+
+def test_beta_is_optimal_for_the_dense_output_target():
     g = torch.Generator().manual_seed(3)
     X = correlated_inputs(24, 400, seed=3)
     Xh = X + 0.3 * torch.randn(X.shape, generator=g, dtype=torch.float64) * X.std(0)  # upstream compression error
     W = torch.randn(2, 20, 24, generator=g, dtype=torch.float64)
-    stats = _error_aware_stats(X, Xh)
+    stats = _two_stream_stats(X, Xh)
     target = X @ W.mT  # W x for every token: the dense model's outputs
     for rank in (2, 6, 12):
-        aware = run("svd-llm", W, stats, rank, error_aware=True)
+        aware = run("svd-llm", W, stats, rank, beta=1.0)
         plain = run("svd-llm", W, stats, rank)  # whitened on X̂, but fitting W x̂
         M = W @ stats.cross @ stats.whitening().inverse.T
         s = torch.linalg.svdvals(M)
@@ -46,31 +130,29 @@ def test_error_aware_is_the_optimum_of_the_dense_output_target():
             assert e_aware.item() == pytest.approx((s[k, rank:].pow(2).sum() + floor).item(), rel=1e-6)
             # Measured ratios e_aware / e_plain at ranks 2 / 6 / 12: 0.98 / 0.70 / 0.41.
             assert e_aware < {2: 0.995, 6: 0.8, 12: 0.5}[rank] * e_plain
-    # Any other rank-r map does no better: perturbing the optimum only raises the error.
-    f = run("svd-llm", W[:1], stats, 6, error_aware=True).factors[0]
-    best = (target[0] - Xh @ f.dense().mT.double()).pow(2).sum()
-    for seed in range(3):
-        noise = torch.randn(f.A.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3 * f.A.abs().mean()
-        worse = (target[0] - Xh @ (f.B @ (f.A + noise)).mT.double()).pow(2).sum()
-        assert worse > best
 
 
-def test_error_aware_with_identical_streams_is_plain_svd_llm():
+def test_beta_with_identical_streams_is_plain_svd_llm():
     X = correlated_inputs(16, 300, seed=5)
     W = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     stats = Stats(count=300, gram=X.T @ X)
     stats.cross = stats.gram
-    aware, plain = run("svd-llm", W, stats, 5, error_aware=True), run("svd-llm", W, stats, 5)
-    for a, p in zip(aware.factors, plain.factors):
-        torch.testing.assert_close(a.dense(), p.dense(), rtol=0, atol=1e-5)
+    for ridge in (0.0, 0.1):
+        aware, plain = run("svd-llm", W, stats, 5, beta=1.0, ridge=ridge), run("svd-llm", W, stats, 5, ridge=ridge)
+        for a, p in zip(aware.factors, plain.factors):
+            torch.testing.assert_close(a.dense(), p.dense(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cross statistic"):
-        run("svd-llm", W, Stats(count=300, gram=X.T @ X), 5, error_aware=True)
+        run("svd-llm", W, Stats(count=300, gram=X.T @ X), 5, beta=0.5)
 
 
-def test_error_aware_needs_the_cross_statistic_only_when_on():
+def test_options_and_the_cross_statistic_only_when_beta_is_positive():
     method = registry.get("svd-llm")
     assert method.needs_for(method.Options(param_ratio=0.8)) == {"gram"}
-    assert method.needs_for(method.Options(param_ratio=0.8, error_aware=True)) == {"gram", "cross"}
+    assert method.needs_for(method.Options(param_ratio=0.8, ridge=0.1)) == {"gram"}
+    assert method.needs_for(method.Options(param_ratio=0.8, beta=0.5)) == {"gram", "cross"}
+    for bad in ({"beta": 1.5}, {"beta": -0.1}, {"ridge": -1.0}, {"beta": True}, {"error_aware": True}):
+        with pytest.raises(ValueError):
+            method.Options(param_ratio=0.8, **bad)
 
 
 def test_runner_cross_statistic_pairs_dense_and_compressed_inputs(tiny_model, calib_ids):
@@ -124,10 +206,10 @@ def _inputs_of(model, names, ids):
     return {name: torch.cat(v).double() for name, v in store.items()}
 
 
-def test_error_aware_pipeline_fits_the_dense_outputs_better(tiny_model, calib_ids):
+def test_beta_pipeline_fits_the_dense_outputs_better(tiny_model, calib_ids):
     ids = calib_ids(nsamples=8, seqlen=32)
     plain = api.compress(tiny_model("llama", correlated=True), "svd-llm-40", batches=ids).model
-    aware = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["error_aware=true"]),
+    aware = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["beta=1"]),
                          batches=ids).model
     layer = lambda m, i: m.model.layers[i]  # noqa: E731
     names0 = [n for n, _ in layer(plain, 0).named_modules() if n.endswith("proj")]
@@ -148,16 +230,17 @@ def test_error_aware_pipeline_fits_the_dense_outputs_better(tiny_model, calib_id
                for key, m in (("plain", plain), ("aware", aware))}
         assert err["aware"] < err["plain"], name  # the optimum of this very objective (up to the clamp regulariser)
     # With dense inputs both streams are one: exactly plain svd-llm.
-    one = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["error_aware=true",
+    one = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["beta=1",
                        "sequential.inputs=dense"]), batches=ids)
     other = api.compress(tiny_model("llama", correlated=True), load_recipe("svd-llm-40", ["sequential.inputs=dense"]),
                          batches=ids)
     assert torch.equal(_logits(one.model, ids), _logits(other.model, ids))
 
 
-def test_error_aware_streams_to_the_same_checkpoint(tmp_path, tiny_model, calib_ids):
+def test_beta_and_ridge_stream_to_the_same_checkpoint(tmp_path, tiny_model, calib_ids):
     folder = _checkpoint(tmp_path, tiny_model("qwen2", correlated=True))
-    recipe = load_recipe("svd-llm-20", ("calibration.nsamples=4", "calibration.seqlen=32", "error_aware=true"))
+    recipe = load_recipe("svd-llm-20", ("calibration.nsamples=4", "calibration.seqlen=32", "beta=0.5",
+                                         "ridge=0.01"))
     batches = calib_ids(4, 32)
     expected = _tensors(_in_memory(folder, recipe, batches, tmp_path / "memory"))
     _, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)

@@ -46,7 +46,7 @@ def spectrum(W: torch.Tensor, stats, options: ASVDOptions) -> torch.Tensor:
 
 
 @register("asvd", needs=("abs_mean",), options=ASVDOptions, factorizes=True,
-          summary="activation-aware (mean |x|) scaled SVD", spectrum=spectrum)
+          summary="activation-aware (mean |x|) scaled SVD", spectrum=spectrum, spectrum_units="scaled")
 def decompose(W: torch.Tensor, stats, options: ASVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n) same-shape weights sharing one input (so one set of channel scales)."""
     s = channel_scales(stats.abs_mean, options.alpha).to(device=W.device, dtype=torch.float32)

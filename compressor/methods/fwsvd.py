@@ -71,7 +71,7 @@ def spectrum(W: torch.Tensor, stats, options: FWSVDOptions) -> torch.Tensor:
 
 
 @register("fwsvd", needs=("fisher",), options=FWSVDOptions, factorizes=True,
-          summary="Fisher-weighted SVD (squared LM-loss gradients)", spectrum=spectrum)
+          summary="Fisher-weighted SVD (squared LM-loss gradients)", spectrum=spectrum, spectrum_units="scaled")
 def decompose(W: torch.Tensor, stats, options: FWSVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n). ‖diag(d)(W − BA)‖_F (axis out) or ‖(W − BA)diag(d)‖_F (axis in) = √(Σ_{i>r} σᵢ²)."""
     d, clamped = weights(W, stats, options)

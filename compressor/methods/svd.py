@@ -19,7 +19,7 @@ def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
 
 
 @register("svd", needs=(), options=SVDOptions, factorizes=True, summary="truncated SVD of the weight",
-          spectrum=spectrum)
+          spectrum=spectrum, spectrum_units="weight")
 def decompose(W: torch.Tensor, stats, options: SVDOptions, rank: int) -> Decomposition:
     """W: (b, m, n) same-shape weights. Error ‖W − BA‖_F = √(Σ_{i>r} σᵢ²)."""
     U, s, Vh = truncated_svd(W.to(torch.float32), rank, options.svd_solver)

@@ -1,25 +1,28 @@
-"""SVD-LLM: truncation-aware whitened SVD, optionally error-aware.
+"""SVD-LLM: truncation-aware whitened SVD, optionally fitted to the dense model's outputs and ridge-regularised.
 
-Minimises the output error ‖(W − Ŵ)X‖_F over rank r for the calibration inputs X. With the Gram G = X Xᵀ
-= S Sᵀ (S = Q Λ^{1/2} from eigh, small eigenvalues clamped), take W S = U Σ Vᵀ and keep r terms:
-B = U_r Σ_r^{1/2}, A = Σ_r^{1/2} V_rᵀ S⁻¹, so ‖(W − BA)X‖_F² = Σ_{i>r} σᵢ² exactly. That is the optimum for
-these X, so no least-squares re-fit of a factor on the same X can improve it.
+Plain SVD-LLM minimises the output error ‖(W − Ŵ)X‖_F over rank-r Ŵ for the calibration inputs X. With the Gram
+G = X Xᵀ = S Sᵀ (S = Q Λ^{1/2} from eigh, small eigenvalues clamped), take W S = U Σ Vᵀ and keep r terms:
+B = U_r Σ_r^{1/2}, A = Σ_r^{1/2} V_rᵀ S⁻¹, so ‖(W − BA)X‖_F² = Σ_{i>r} σᵢ² exactly: the optimum for these X.
 
-`error_aware: true` changes the target, not the solver. With sequential compressed inputs, layer i sees X̂ (what
-the already-compressed layers before it produce) while the dense model saw X. Minimise ‖W X − Ŵ X̂‖_F instead:
-with Ĝ = X̂ X̂ᵀ = S Sᵀ and C = X X̂ᵀ (the "cross" statistic), this is the whitened problem above for
-W* = W C Ĝ⁻¹ with Ĝ as the Gram, so the SVD is of W* S = W C S⁻ᵀ and ‖W X − BA X̂‖_F² = Σ_{i>r} σᵢ² + const
-(the part of W X that no linear map of X̂ reaches; clamped directions: see `_whitened_target`). The layer thus
-also undoes, as far as a rank-r map can, the error its inputs already carry. With dense inputs C = Ĝ and it is
-plain SVD-LLM. Costs one more forward per layer and a second activation stream (compressor/sequential.py).
-Experimental: it is the per-layer optimum, yet on SmolLM2-135M at 20% removed it raised perplexity from 80 to
-~1400 (README, "Error-aware SVD-LLM"); the default stays off.
+With sequential compressed inputs, layer i sees X̂ (what the already-compressed layers before it produce) while
+the dense model saw X. Two options change the target, not the solver. Over rank-r Ŵ we minimise
+
+    (1 − β)‖(W − Ŵ)X̂‖² + β‖W X − Ŵ X̂‖² + λ‖W − Ŵ‖²_F,    λ = δ·tr(Ĝ)/n  (n input features).
+
+`beta` (β ∈ [0, 1]) shrinks towards fitting the dense outputs W X ("error-aware": the layer also undoes, as far
+as a rank-r map can, the error its inputs already carry); β = 1 alone destroyed SmolLM2 (ppl 80 → 1377, README).
+`ridge` (δ ≥ 0) keeps Ŵ near W in directions X̂ hardly visits. With Ĝ = X̂ X̂ᵀ, C = X X̂ᵀ (the "cross" statistic)
+and C_β = Ĝ + β(C − Ĝ), the objective expands to tr(Ŵ(Ĝ + λI)Ŵᵀ) − 2 tr(W(C_β + λI)Ŵᵀ) + const
+= ‖Ŵ S − W(C_β + λI)S⁻ᵀ‖² + const with S Sᵀ = Ĝ + λI: the truncated SVD of M = W(C_β + λI)S⁻ᵀ, then A = A′S⁻¹,
+and Σ_{i>r} σᵢ(M)² is the objective's rank-dependent part (what `spectrum` gives rank allocation). β = δ = 0 is
+plain SVD-LLM; with dense inputs C = Ĝ and β drops out. β > 0 costs one more forward per layer and a second
+activation stream (compressor/sequential.py).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from compressor.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, WhiteningMethod, split_factors, truncated_svd
@@ -30,35 +33,43 @@ from compressor.registry import register
 class SVDLLMOptions(RankOptions):
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1, description="eigenvalue clamp, relative to the largest")
     whitening: WhiteningMethod = "eigh"
-    error_aware: bool = Field(False, description="experimental: fit the dense model's outputs W·X from the compressed "
-                                                 "model's inputs X̂ (differs only with sequential.inputs: compressed); "
-                                                 "hurts real LLMs, see README")
+    beta: float = Field(0.0, ge=0, le=1, description="weight of fitting the dense outputs W·X from the compressed "
+                                                     "inputs X̂ (0: fit W·X̂; needs sequential.inputs: compressed to "
+                                                     "matter); 1 hurts real LLMs, see README")
+    ridge: float = Field(0.0, ge=0, description="δ: adds λ‖W − Ŵ‖²_F with λ = δ·tr(Ĝ)/n (keeps Ŵ near W)")
+
+    @field_validator("beta", "ridge", mode="before")
+    @classmethod
+    def _a_number(cls, value):  # `beta: true` (the old `error_aware: true`) must not pass as 1.0 silently
+        if isinstance(value, bool):
+            raise ValueError("a number, not true/false")
+        return value
 
 
 def _whitened_target(W: torch.Tensor, stats, options: SVDLLMOptions):
     """(the matrix whose truncated SVD is the answer, the whitening)."""
-    white = stats.whitening(options.eig_floor, options.whitening)
+    white = stats.whitening(options.eig_floor, options.whitening, ridge=options.ridge)
     W = W.to(torch.float64)
-    if not options.error_aware or stats.cross is stats.gram:  # one stream (dense inputs): C = Ĝ, plain SVD-LLM
+    if options.beta == 0 or stats.cross is stats.gram:  # one stream (dense inputs): C = Ĝ, β drops out
         return W @ white.S, white
     if stats.cross is None:
-        raise ValueError("error-aware svd-llm needs the cross statistic Σ x x̂ᵀ (collect 'cross')")
+        raise ValueError("svd-llm with beta > 0 needs the cross statistic Σ x x̂ᵀ (collect 'cross')")
+    # S Sᵀ = Ĝ + λI + Δ, Δ what clamping (or damping) added. Putting the same Δ into the cross term adds the
+    # regulariser tr((W − Ŵ) Δ (W − Ŵ)ᵀ), and with identical streams (C = Ĝ) gives exactly the β = 0 answer:
+    # C_β + λI + Δ = S Sᵀ + β(C − Ĝ), so M = W S + β W (C − Ĝ) S⁻ᵀ.
     cross = stats.cross.to(device=W.device, dtype=torch.float64)
-    # S Sᵀ is Ĝ plus what clamping (or damping) added, Δ. Adding the same Δ to C makes the regulariser
-    # tr((W − Ŵ) Δ (W − Ŵ)ᵀ): in directions X̂ hardly visits Ŵ stays near W (as plain SVD-LLM does), and with
-    # identical streams (C = Ĝ) the result is exactly plain SVD-LLM's.
     gram = stats.gram.to(device=W.device, dtype=torch.float64)
-    cross = cross + (white.S @ white.S.mT - gram)
-    return W @ cross @ white.inverse.mT, white  # W C S⁻ᵀ = (W C (S Sᵀ)⁻¹) S
+    return W @ (white.S + options.beta * (cross - gram) @ white.inverse.mT), white
 
 
 def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
-    """Singular values of the whitened target: the tail's squares are the output error on the calibration inputs."""
+    """Singular values of the whitened target: the tail's squares are the objective's rank-dependent part."""
     return torch.linalg.svdvals(_whitened_target(W, stats, options)[0])
 
 
 @register("svd-llm", needs=("gram",), options=SVDLLMOptions, factorizes=True, summary="whitened truncation-aware SVD",
-          spectrum=spectrum, extra_needs=lambda options: ("cross",) if options.error_aware else ())
+          spectrum=spectrum, spectrum_units="output",
+          extra_needs=lambda options: ("cross",) if options.beta > 0 else ())
 def decompose(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int) -> Decomposition:
     M, white = _whitened_target(W, stats, options)
     U, s, Vh = truncated_svd(M, rank, options.svd_solver)

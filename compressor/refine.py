@@ -1,0 +1,168 @@
+"""Block refinement (AA-SVD-style): after a decoder layer's targets are compressed, fit the new factors end to end.
+
+Per-module truncation minimises each linear's own output error; the decoder layer's output depends on all of
+them through attention and the gated MLP, so their errors interact. Refinement minimises the layer's output
+error directly:
+
+    min over the compressed modules' refinable parameters θ of  Σ_windows ‖layer_θ(x̂) − y*‖² / Σ ‖y*‖²
+
+with x̂ the layer's calibration inputs (the compressed model's stream) and y* the target outputs: the dense
+layer on the same x̂, or the dense model's own outputs (the runner chooses; see compressor/sequential.py).
+Only parameters a compressed module declares refinable (low-rank factors, sparse values, EoRA residuals) move;
+the rest of the layer (norms, the targets left dense, quantised weights) is frozen. Adam, a fixed number of
+epochs over the calibration windows in a seeded order: deterministic on a given device. The first
+`skip_first` positions of every window (attention sinks, whose hidden states are orders of magnitude larger)
+are left out of the loss. The layer trains in fp32 (a half-precision layer is cast up for the duration).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RefineReport:
+    layer: int
+    loss_before: float  # relative output error² of the layer, Σ‖y − y*‖² / Σ‖y*‖², before refinement
+    loss_after: float
+    seconds: float
+    steps: int
+    parameters: int  # refined parameters
+    reverted: bool = False  # the refined layer was worse on the calibration windows: the factors were restored
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "loss_before": self.loss_before, "loss_after": self.loss_after,
+                "seconds": round(self.seconds, 3), "steps": self.steps, "parameters": self.parameters,
+                "reverted": self.reverted}
+
+
+def _first(obj):
+    return obj[0] if isinstance(obj, (tuple, list)) else obj
+
+
+def _windows(call) -> int:
+    args, kwargs = call
+    return (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+
+def _slice(obj, size: int, start: int, stop: int):
+    """Tensors whose leading dimension is the call's window count, cut to [start, stop); others (broadcast
+    position tables, None masks) unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.dim() >= 1 and obj.shape[0] == size else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_slice(o, size, start, stop) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _slice(v, size, start, stop) for k, v in obj.items()}
+    return obj
+
+
+def _pieces(calls, targets, batch_size: int):
+    """[(call, target)] with at most `batch_size` windows each."""
+    out = []
+    for call, target in zip(calls, targets):
+        size = _windows(call)
+        if size <= batch_size:
+            out.append((call, target))
+            continue
+        for start in range(0, size, batch_size):
+            stop = min(start + batch_size, size)
+            out.append((_slice(call, size, start, stop), target[start:stop]))
+    return out
+
+
+def _to(obj, device, dtype=None):
+    if isinstance(obj, torch.Tensor):
+        cast = dtype if dtype is not None and obj.is_floating_point() else None
+        return obj.to(device=device, dtype=cast)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _sq_error(y: torch.Tensor, target: torch.Tensor, skip_first: int) -> torch.Tensor:
+    d = (y - target)[:, skip_first:] if y.dim() >= 3 else y - target
+    return d.double().pow(2).sum() if not d.requires_grad else d.pow(2).sum()
+
+
+def refinable_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters each compressed module declares refinable (`refinable_parameters()`); none otherwise."""
+    params = []
+    for module in modules:
+        get = getattr(module, "refinable_parameters", None)
+        params.extend(get() if get is not None else [])
+    return params
+
+
+def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, targets: list[torch.Tensor], *,
+                 epochs: int, lr: float, batch_size: int, seed: int, skip_first: int, device, offload,
+                 index: int = 0) -> tuple[RefineReport, list[torch.Tensor]]:
+    """Refine `modules` (inside `layer`) so `layer(call) ≈ target` for each recorded call; return the report and
+    the refined layer's outputs for every call (on `offload`), which are the next layer's inputs."""
+    start = time.perf_counter()
+    params = refinable_parameters(modules)
+    dtype = next(layer.parameters()).dtype
+    if dtype != torch.float32:
+        layer.float()
+    norm = sum(float(t[:, skip_first:].double().pow(2).sum()) if t.dim() >= 3 else float(t.double().pow(2).sum())
+               for t in targets)
+    norm = max(norm, 1e-300)
+
+    def run(call):
+        args, kwargs = _to(call, device, torch.float32)
+        return _first(layer(*args, **kwargs))
+
+    @torch.no_grad()
+    def evaluate(keep_outputs: bool):
+        total, outs = 0.0, []
+        for call, target in zip(calls, targets):
+            y = run(call)
+            total += float(_sq_error(y, target.to(device, torch.float32), skip_first))
+            if keep_outputs:
+                outs.append(y.to(device=offload, dtype=dtype))
+        return total / norm, outs
+
+    before, outs = evaluate(keep_outputs=epochs == 0 or not params)
+    steps, reverted = 0, False
+    if epochs > 0 and params:
+        flags = {p: p.requires_grad for p in layer.parameters()}
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        originals = [p.detach().clone() for p in params]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        pieces = _pieces(calls, targets, batch_size)
+        generator = torch.Generator().manual_seed(seed + index)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for j in torch.randperm(len(pieces), generator=generator).tolist():
+                    call, target = pieces[j]
+                    loss = _sq_error(run(call), target.to(device, torch.float32), skip_first) / norm
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        del optimizer
+        after, outs = evaluate(keep_outputs=True)
+        if not after <= before:  # a step size too large for this layer: never hand on a worse layer
+            with torch.no_grad():
+                for p, original in zip(params, originals):
+                    p.copy_(original)
+            after, outs = evaluate(keep_outputs=True)
+            reverted = True
+    else:
+        after = before
+    if dtype != torch.float32:
+        layer.to(dtype)
+    report = RefineReport(index, before, after, time.perf_counter() - start, steps, sum(p.numel() for p in params),
+                          reverted)
+    return report, outs
