@@ -268,7 +268,7 @@ def compress(
         r = recipe.refine
         report, outs = refine_block(layer, modules, calls, targets, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
                                     seed=r.seed, skip_first=recipe.calibration.skip_first, device=device_,
-                                    offload=offload, index=index)
+                                    offload=offload, index=index, relative_lr=r.relative_lr)
         refinements.append(report)
         timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - t0
         return outs

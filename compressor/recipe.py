@@ -59,6 +59,8 @@ class Refinement(Strict):
 
     epochs: int = Field(0, ge=0, description="passes over the calibration windows per decoder layer (0: off)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    relative_lr: bool = Field(False, description="scale each factor's learning rate by its RMS (Adam's step is "
+                                                 "otherwise the same absolute size for every entry)")
     batch_size: int = Field(8, gt=0, description="calibration windows per Adam step")
     target: Literal["compressed", "dense"] = Field(
         "compressed", description="match the dense layer's outputs on the compressed model's inputs (compressed) "

@@ -102,7 +102,7 @@ def refinable_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, targets: list[torch.Tensor], *,
                  epochs: int, lr: float, batch_size: int, seed: int, skip_first: int, device, offload,
-                 index: int = 0) -> tuple[RefineReport, list[torch.Tensor]]:
+                 index: int = 0, relative_lr: bool = False) -> tuple[RefineReport, list[torch.Tensor]]:
     """Refine `modules` (inside `layer`) so `layer(call) ≈ target` for each recorded call; return the report and
     the refined layer's outputs for every call (on `offload`), which are the next layer's inputs."""
     start = time.perf_counter()
@@ -137,7 +137,11 @@ def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, target
         for p in params:
             p.requires_grad_(True)
         originals = [p.detach().clone() for p in params]
-        optimizer = torch.optim.Adam(params, lr=lr)
+        # Adam moves every entry by about lr per step whatever its size; factors differ in scale by orders of
+        # magnitude (A carries the inverse whitening), so with `relative_lr` each tensor's step is lr × its RMS.
+        groups = [{"params": [p], "lr": lr * (float(p.detach().float().pow(2).mean().sqrt()) if relative_lr else 1.0)}
+                  for p in params]
+        optimizer = torch.optim.Adam(groups, lr=lr)
         pieces = _pieces(calls, targets, batch_size)
         generator = torch.Generator().manual_seed(seed + index)
         with torch.enable_grad():

@@ -3,10 +3,13 @@
     .venv/bin/python scripts/bench_quality.py                       # the shipped demo model (a few minutes)
     .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40
     .venv/bin/python scripts/bench_quality.py --update-readme       # also write README.md's results block
+    .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40 --rows lowrank \
+        --json bench-results/quality-smollm2.json                  # issue 12: lowrank vs svd-llm, each option alone
 
 Every row compresses a fresh copy of the dense model with a built-in recipe (plus overrides) and scores it on
 the bundled test split with the papers' protocol. Budgets are "% of targeted parameters removed". All rows use
-the same calibration windows (nsamples × seqlen from the bundled train split, seed 0).
+the same calibration windows (nsamples × seqlen from the bundled train split, seed 0). Rows with an `svd-llm`
+row of the same budget also print their perplexity and compression time relative to it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,33 @@ ROWS = [
 ]
 
 
+# Issue 12's table: plain svd-llm and lrc's best low-rank recipes at 20% and 40% removed, and at 40% each option
+# of the best recipe alone on top of plain svd-llm (its on/off effect).
+OPTIONS = [
+    ("skip-sink", ["calibration.skip_first=1"]),
+    ("group-sequential", ["sequential.granularity=group"]),
+    ("beta0.25+ridge0.01", ["beta=0.25", "ridge=0.01"]),
+    ("global-loss", ["allocation=global", "allocation_options.weight=loss"]),
+    ("refine", ["refine.epochs=2", "refine.lr=1e-4"]),
+]
+LOWRANK_ROWS = (
+    [("svd-llm 20%", "svd-llm-20", []), ("lowrank 20%", "lowrank-20", []), ("svd-llm 40%", "svd-llm-40", [])]
+    + [(f"svd-llm+{name} 40%", "svd-llm-40", overrides) for name, overrides in OPTIONS]
+    + [("lowrank 40%", "lowrank-40", [])]
+)
+SUITES = {"all": ROWS, "lowrank": LOWRANK_ROWS}
+
+
+def relative_to_svd_llm(rows: list[dict]) -> None:
+    """Each row's perplexity and seconds over the plain `svd-llm` row of the same budget ("… 40%"), if any."""
+    base = {r["label"].split()[-1]: r for r in rows if r["label"].startswith("svd-llm ")}
+    for row in rows:
+        ref = base.get(row["label"].split()[-1])
+        if ref is not None and row is not ref and "seconds" in row:
+            row["ppl_vs_svd_llm"] = row["ppl"] / ref["ppl"]
+            row["time_vs_svd_llm"] = row["seconds"] / ref["seconds"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(demo_model_dir()))
@@ -60,12 +90,14 @@ def main():
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--only", nargs="*", help="labels (substrings) of the rows to run")
+    parser.add_argument("--rows", choices=sorted(SUITES), default="all",
+                        help="all: every method at 20%% and 40%%; lowrank: svd-llm vs lowrank-20/40 and each option")
     parser.add_argument("--json", type=Path, default=Path("bench-results/quality.json"))
     parser.add_argument("--update-readme", action="store_true",
                         help="write README.md's results block from this run (scripts/update_readme.py)")
     args = parser.parse_args()
-    if args.update_readme and args.only:
-        parser.error("--update-readme writes README's whole table: run every row (drop --only)")
+    if args.update_readme and (args.only or args.rows != "all"):
+        parser.error("--update-readme writes README's whole table: run every row (drop --only and --rows)")
 
     console = Console()
     loaded = api.load_model(args.model)
@@ -74,7 +106,7 @@ def main():
                                       max_windows=args.max_windows)
     dense = evaluate(loaded.model)
     rows = [{"label": "dense", "ppl": dense.ppl}]
-    for label, recipe, overrides in ROWS:
+    for label, recipe, overrides in SUITES[args.rows]:
         if args.only and not any(o in label for o in args.only):
             continue
         start = time.perf_counter()
@@ -85,7 +117,9 @@ def main():
         kept = sum(m.params_after for m in result.modules) / sum(m.params_before for m in result.modules)
         rows.append({"label": label, "recipe": recipe, "overrides": overrides, "ppl": ppl, "kept": kept,
                      "seconds": time.perf_counter() - start})
+        console.print(f"{label}: PPL {ppl:.3f}, {rows[-1]['seconds']:.1f} s")
         del model
+    relative_to_svd_llm(rows)
     data = {
         "model": args.model, "date": str(date.today()),
         "eval": {"data": dense.data, "windows": dense.windows, "seqlen": dense.seqlen},
@@ -95,11 +129,14 @@ def main():
     }
 
     table = Table(title="perplexity by method and budget", caption=setup_line(data))
-    for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "seconds"):
+    for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "PPL / svd-llm", "seconds",
+                "time / svd-llm"):
         table.add_column(col, justify="left" if col.startswith("method") else "right")
     for row in rows:
         seconds = f"{row['seconds']:.1f}" if "seconds" in row else ""
-        table.add_row(row["label"], *result_cells(row, dense.ppl), seconds)
+        ratio = lambda key: f"{row[key]:.3f}" if key in row else ""  # noqa: E731
+        table.add_row(row["label"], *result_cells(row, dense.ppl), ratio("ppl_vs_svd_llm"), seconds,
+                      ratio("time_vs_svd_llm"))
     console.print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=1))

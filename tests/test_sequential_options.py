@@ -227,3 +227,35 @@ def test_recipes_that_need_the_runner_refuse_precomputed_statistics(tiny_model, 
         recipe = load_recipe("svd-llm-20", CALIB + ["sequential.inputs=dense", extra])
         with pytest.raises(ValueError, match="granularity: layer and no refinement"):
             api.compress(model, recipe, statistics=stats)
+
+
+def test_refinement_and_group_sequential_stream_to_the_same_checkpoint(tmp_path, tiny_model, calib_ids):
+    """--low-memory (one decoder layer read from disk at a time) writes the in-memory path's tensors exactly,
+    with the dense stream, the dense twin of group-sequential "cross" and refinement all in play."""
+    from compressor import streaming
+    from tests.test_streaming import _checkpoint, _in_memory, _tensors
+
+    folder = _checkpoint(tmp_path, tiny_model("qwen2", correlated=True))
+    recipe = load_recipe("svd-llm-40", ("calibration.nsamples=4", "calibration.seqlen=32", "beta=0.25", "ridge=0.01",
+                                        "sequential.granularity=group", "refine.epochs=1", "refine.target=dense"))
+    batches = calib_ids(4, 32)
+    expected = _tensors(_in_memory(folder, recipe, batches, tmp_path / "memory"))
+    result, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)
+    streamed = _tensors(out)
+    assert expected.keys() == streamed.keys()
+    assert all(torch.equal(expected[k], streamed[k]) for k in expected)
+    assert [r.layer for r in result.refinement] == [0, 1]
+
+
+def test_the_report_shows_each_layers_refinement(tiny_model, calib_ids):
+    from compressor.report import build_report, render_markdown
+
+    ids = calib_ids(6, 24)
+    result = _compress(tiny_model("llama", correlated=True), ids, "refine.epochs=1", "sequential.granularity=group")
+    report = build_report(result, model_source="tiny", params_before=1, params_after=1, bytes_before=1, bytes_after=1)
+    assert report["sequential_granularity"] == "group"
+    assert [r["layer"] for r in report["refinement"]] == [0, 1]
+    first = report["refinement"][0]
+    assert first["loss_after"] <= first["loss_before"] and first["steps"] == 1 and first["seconds"] >= 0
+    md = render_markdown(report)
+    assert "Block refinement" in md and f"| 0 | {first['loss_before']:.5f} |" in md
