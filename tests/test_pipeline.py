@@ -26,7 +26,7 @@ from compressor.targets import select_targets
 from conftest import TINY_ARCHS, TINY_SIZES
 
 RECIPES = ("svd-20", "svd-llm-20", "svd-llm-40", "asvd-20", "fwsvd-20", "rtn-4bit", "eora-4bit", "eora-gptq-4bit",
-           "lowrank-sparse-50")
+           "lowrank-sparse-50", "lowrank-20", "lowrank-40")
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LINEARS = ATTN + MLP
