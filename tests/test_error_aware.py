@@ -9,13 +9,13 @@ import copy
 import pytest
 import torch
 
-from compressor import api, registry, streaming
+from compressor import api, registry
 from compressor.recipe import load_recipe
 from compressor.sequential import run_sequential
 from compressor.stats import Stats
 from compressor.targets import select_targets
 from tests.test_methods import correlated_inputs, run
-from tests.test_streaming import _checkpoint, _in_memory, _tensors
+from tests.test_streaming import assert_streams_like_in_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,12 +238,6 @@ def test_beta_pipeline_fits_the_dense_outputs_better(tiny_model, calib_ids):
 
 
 def test_beta_and_ridge_stream_to_the_same_checkpoint(tmp_path, tiny_model, calib_ids):
-    folder = _checkpoint(tmp_path, tiny_model("qwen2", correlated=True))
     recipe = load_recipe("svd-llm-20", ("calibration.nsamples=4", "calibration.seqlen=32", "beta=0.5",
                                          "ridge=0.01"))
-    batches = calib_ids(4, 32)
-    expected = _tensors(_in_memory(folder, recipe, batches, tmp_path / "memory"))
-    _, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)
-    streamed = _tensors(out)
-    assert expected.keys() == streamed.keys()
-    assert all(torch.equal(expected[k], streamed[k]) for k in expected)
+    assert_streams_like_in_memory(tmp_path, tiny_model("qwen2", correlated=True), recipe, calib_ids(4, 32))

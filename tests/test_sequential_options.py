@@ -232,18 +232,11 @@ def test_recipes_that_need_the_runner_refuse_precomputed_statistics(tiny_model, 
 def test_refinement_and_group_sequential_stream_to_the_same_checkpoint(tmp_path, tiny_model, calib_ids):
     """--low-memory (one decoder layer read from disk at a time) writes the in-memory path's tensors exactly,
     with the dense stream, the dense twin of group-sequential "cross" and refinement all in play."""
-    from compressor import streaming
-    from tests.test_streaming import _checkpoint, _in_memory, _tensors
+    from tests.test_streaming import assert_streams_like_in_memory
 
-    folder = _checkpoint(tmp_path, tiny_model("qwen2", correlated=True))
     recipe = load_recipe("svd-llm-40", ("calibration.nsamples=4", "calibration.seqlen=32", "beta=0.25", "ridge=0.01",
                                         "sequential.granularity=group", "refine.epochs=1", "refine.target=dense"))
-    batches = calib_ids(4, 32)
-    expected = _tensors(_in_memory(folder, recipe, batches, tmp_path / "memory"))
-    result, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)
-    streamed = _tensors(out)
-    assert expected.keys() == streamed.keys()
-    assert all(torch.equal(expected[k], streamed[k]) for k in expected)
+    result = assert_streams_like_in_memory(tmp_path, tiny_model("qwen2", correlated=True), recipe, calib_ids(4, 32))
     assert [r.layer for r in result.refinement] == [0, 1]
 
 

@@ -44,6 +44,17 @@ def _in_memory(folder: Path, recipe, batches, out: Path):
     return out
 
 
+def assert_streams_like_in_memory(tmp_path: Path, model, recipe, batches):
+    """--low-memory on `model`'s checkpoint writes the in-memory path's tensors exactly; returns its result."""
+    folder = _checkpoint(tmp_path, model)
+    expected = _tensors(_in_memory(folder, recipe, batches, tmp_path / "memory"))
+    result, out = streaming.compress_streaming(str(folder), recipe, tmp_path / "streamed", batches=batches)
+    streamed = _tensors(out)
+    assert expected.keys() == streamed.keys()
+    assert all(torch.equal(expected[k], streamed[k]) for k in expected)
+    return result
+
+
 @pytest.mark.parametrize("arch,tie,recipe_name,dtype", [
     ("llama", False, "svd-llm-20", torch.float32),
     ("qwen2", False, "eora-4bit", torch.float32),
