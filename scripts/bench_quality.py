@@ -44,7 +44,8 @@ ROWS = [
         ("asvd", "asvd-20", []),
         ("svd-llm", "svd-llm-20", []),
         ("svd-llm+global", "svd-llm-20", ["allocation=global"]),
-        ("svd-llm+beta0.5+ridge0.01", "svd-llm-20", ["beta=0.5", "ridge=0.01"]),
+        ("svd-llm+beta0.25+ridge0.01", "svd-llm-20", ["beta=0.25", "ridge=0.01"]),
+        ("lowrank", "lowrank-20", []),
     )
 ] + [
     ("lowrank-sparse 50%", "lowrank-sparse-50", []),
@@ -62,7 +63,8 @@ OPTIONS = [
     ("group-sequential", ["sequential.granularity=group"]),
     ("beta0.25+ridge0.01", ["beta=0.25", "ridge=0.01"]),
     ("global-loss", ["allocation=global", "allocation_options.weight=loss"]),
-    ("refine", ["refine.epochs=2", "refine.lr=1e-4"]),
+    ("refine", ["refine.epochs=4", "refine.lr=0.01", "refine.relative_lr=true", "refine.batch_size=2",
+                "refine.target=dense"]),
 ]
 LOWRANK_ROWS = (
     [("svd-llm 20%", "svd-llm-20", []), ("lowrank 20%", "lowrank-20", []), ("svd-llm 40%", "svd-llm-40", [])]
@@ -99,7 +101,7 @@ def main():
     if args.update_readme and (args.only or args.rows != "all"):
         parser.error("--update-readme writes README's whole table: run every row (drop --only and --rows)")
 
-    console = Console()
+    console = Console(width=130)  # wide enough for every label: the printed table is pasted into README
     loaded = api.load_model(args.model)
     calib = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}"]
     evaluate = lambda m: api.evaluate(m, loaded.tokenizer, seqlen=args.eval_seqlen,  # noqa: E731
@@ -128,6 +130,16 @@ def main():
         "rows": rows,
     }
 
+    console.print(results_table(data))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=1))
+    if args.update_readme:
+        update_results(data)
+        console.print("wrote README.md's results block")
+
+
+def results_table(data: dict) -> Table:
+    rows, dense_ppl = data["rows"], data["rows"][0]["ppl"]
     table = Table(title="perplexity by method and budget", caption=setup_line(data))
     for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "PPL / svd-llm", "seconds",
                 "time / svd-llm"):
@@ -135,14 +147,9 @@ def main():
     for row in rows:
         seconds = f"{row['seconds']:.1f}" if "seconds" in row else ""
         ratio = lambda key: f"{row[key]:.3f}" if key in row else ""  # noqa: E731
-        table.add_row(row["label"], *result_cells(row, dense.ppl), ratio("ppl_vs_svd_llm"), seconds,
+        table.add_row(row["label"], *result_cells(row, dense_ppl), ratio("ppl_vs_svd_llm"), seconds,
                       ratio("time_vs_svd_llm"))
-    console.print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(data, indent=1))
-    if args.update_readme:
-        update_results(data)
-        console.print("wrote README.md's results block")
+    return table
 
 
 if __name__ == "__main__":
