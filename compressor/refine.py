@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.sequential import hidden_of, layer_output, move
+
 
 @dataclass
 class RefineReport:
@@ -38,15 +40,6 @@ class RefineReport:
         return {"layer": self.layer, "loss_before": self.loss_before, "loss_after": self.loss_after,
                 "seconds": round(self.seconds, 3), "steps": self.steps, "parameters": self.parameters,
                 "reverted": self.reverted}
-
-
-def _first(obj):
-    return obj[0] if isinstance(obj, (tuple, list)) else obj
-
-
-def _windows(call) -> int:
-    args, kwargs = call
-    return (args[0] if args else kwargs["hidden_states"]).shape[0]
 
 
 def _slice(obj, size: int, start: int, stop: int):
@@ -65,7 +58,7 @@ def _pieces(calls, targets, batch_size: int):
     """[(call, target)] with at most `batch_size` windows each."""
     out = []
     for call, target in zip(calls, targets):
-        size = _windows(call)
+        size = hidden_of(call).shape[0]
         if size <= batch_size:
             out.append((call, target))
             continue
@@ -73,17 +66,6 @@ def _pieces(calls, targets, batch_size: int):
             stop = min(start + batch_size, size)
             out.append((_slice(call, size, start, stop), target[start:stop]))
     return out
-
-
-def _to(obj, device, dtype=None):
-    if isinstance(obj, torch.Tensor):
-        cast = dtype if dtype is not None and obj.is_floating_point() else None
-        return obj.to(device=device, dtype=cast)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    return obj
 
 
 def _sq_error(y: torch.Tensor, target: torch.Tensor, skip_first: int) -> torch.Tensor:
@@ -115,8 +97,8 @@ def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, target
     norm = max(norm, 1e-300)
 
     def run(call):
-        args, kwargs = _to(call, device, torch.float32)
-        return _first(layer(*args, **kwargs))
+        args, kwargs = move(call, device, torch.float32)
+        return layer_output(layer(*args, **kwargs))
 
     @torch.no_grad()
     def evaluate(keep_outputs: bool):

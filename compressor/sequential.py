@@ -50,14 +50,15 @@ class _Catcher(nn.Module):
             return getattr(self._modules["layer"], name)
 
 
-def move(obj, device):
-    """Tensors (also inside tuples, lists and dicts) to `device`; anything else unchanged."""
+def move(obj, device, dtype=None):
+    """Tensors (also inside tuples, lists and dicts) to `device` (floating ones also to `dtype`, if given);
+    anything else unchanged."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device=device, dtype=dtype if dtype is not None and obj.is_floating_point() else None)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(move(o, device) for o in obj)
+        return type(obj)(move(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: move(v, device) for k, v in obj.items()}
+        return {k: move(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
