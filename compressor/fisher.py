@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.sequential import capture_layer_inputs, hidden_of, layer_output, move, move_all_but_layers, with_hidden
+from compressor.sequential import capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers, with_hidden
 from compressor.targets import find_decoder_layers
 
 
@@ -185,14 +185,15 @@ class _Visits:
 
 def _fisher_of_chunk(model, layers, visits: _Visits, keep, per_layer, sums, ids) -> None:
     device = visits.device
-    (call,) = capture_layer_inputs(model, layers, ids, device=device, offload=keep, batch_size=ids.shape[0])
+    arguments = capture_layer_calls(model, layers, ids, device=device, offload=keep, batch_size=ids.shape[0])
+    (call,) = arguments.first()
     inputs, as_tuple = [], False
     with torch.no_grad():
         for index in range(len(layers)):
             inputs.append(call)
             out = visits.enter(index)(*move(call[0], device), **move(call[1], device))
             as_tuple = isinstance(out, (tuple, list))
-            call = with_hidden(call, move(layer_output(out), keep))
+            (call,) = arguments.onto(index + 1, [with_hidden(call, move(layer_output(out), keep))])
             visits.leave(index)
     grad = _head_gradient(model, layers, ids, hidden_of(call).to(device), as_tuple)
     for index in reversed(range(len(layers))):

@@ -29,18 +29,24 @@ from compressor.targets import find_decoder_layers, layers_detached
 
 
 class _Captured(Exception):
-    """Raised by the catcher to stop the forward pass once the first layer's inputs are recorded."""
+    """Raised by the last layer's catcher to stop the forward pass once every layer's arguments are recorded."""
 
 
 class _Catcher(nn.Module):
-    def __init__(self, layer: nn.Module):
+    """Stands in for decoder layer `index` during capture: records the call and passes the hidden states through
+    unchanged (nothing is computed), so the model's own loop goes on to build the next layer's arguments."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, record: list):
         super().__init__()
-        self.layer = layer
-        self.calls: list[tuple[tuple, dict]] = []
+        self.layer, self.index, self.last, self.record = layer, index, last, record
 
     def forward(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        raise _Captured
+        call = (args, kwargs)
+        # Only layer 0's hidden states are real; later layers' are placeholders (their inputs are computed).
+        self.record.append(call if self.index == 0 else with_hidden(call, None))
+        if self.last:
+            raise _Captured
+        return hidden_of(call)
 
     def __getattr__(self, name):
         # Some decoder loops read attributes of the layer (e.g. its attention type): answer for the layer.
@@ -50,15 +56,21 @@ class _Catcher(nn.Module):
             return getattr(self._modules["layer"], name)
 
 
-def move(obj, device, dtype=None):
+def move(obj, device, dtype=None, memo: dict | None = None):
     """Tensors (also inside tuples, lists and dicts) to `device` (floating ones also to `dtype`, if given);
-    anything else unchanged."""
+    anything else unchanged. `memo`: {id: moved tensor} shared across calls, so a tensor met again (the same
+    mask or rotary table in every layer's arguments) is moved once and stays one tensor."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=dtype if dtype is not None and obj.is_floating_point() else None)
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)][1]
+        moved = obj.to(device=device, dtype=dtype if dtype is not None and obj.is_floating_point() else None)
+        if memo is not None:
+            memo[id(obj)] = (obj, moved)  # the source is kept alive so that its id cannot be reused
+        return moved
     if isinstance(obj, (tuple, list)):
-        return type(obj)(move(o, device, dtype) for o in obj)
+        return type(obj)(move(o, device, dtype, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: move(v, device, dtype) for k, v in obj.items()}
+        return {k: move(v, device, dtype, memo) for k, v in obj.items()}
     return obj
 
 
@@ -78,10 +90,37 @@ def with_hidden(call, hidden):
     return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
 
 
+class LayerCalls:
+    """The arguments the model itself passes each decoder layer, per calibration batch.
+
+    Layers need not get the same arguments: models mixing sliding-window and full attention (Gemma 2/3, Qwen2/3
+    with sliding layers, gpt-oss) pass each layer the mask of its own type. So the capture records every layer's
+    call, and the runner gives layer i its own arguments with the hidden states the previous layer produced."""
+
+    def __init__(self, per_layer: list[list[tuple]]):
+        self.per_layer = per_layer
+
+    def first(self) -> list[tuple]:
+        """Layer 0's calls, with the real hidden states."""
+        return self.per_layer[0]
+
+    def onto(self, index: int, outputs: list[tuple]) -> list[tuple]:
+        """Layer `index`'s calls carrying the hidden states of `outputs` (calls of layer index-1 with its
+        outputs as hidden states); past the last layer, `outputs` as they are."""
+        if index >= len(self.per_layer):
+            return outputs
+        return [with_hidden(call, hidden_of(out)) for call, out in zip(self.per_layer[index], outputs)]
+
+
 @torch.no_grad()
-def capture_layer_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, *, device, offload, batch_size: int):
-    """Run the model up to the first decoder layer for each calibration batch; return [(args, kwargs)]."""
-    layers[0] = catcher = _Catcher(layers[0])
+def capture_layer_calls(model, layers: nn.ModuleList, batches: torch.Tensor, *, device, offload,
+                        batch_size: int) -> LayerCalls:
+    """Run the model's own forward for each calibration batch with every decoder layer replaced by a catcher
+    (no layer computes); return the arguments each layer received."""
+    records: list[list] = [[] for _ in layers]
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Catcher(layer, i, i == len(originals) - 1, records[i])
     try:
         for start in range(0, batches.shape[0], batch_size):
             chunk = batches[start : start + batch_size].to(device)
@@ -90,8 +129,18 @@ def capture_layer_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, *,
             except _Captured:
                 pass
     finally:
-        layers[0] = catcher.layer
-    return [move(call, offload) for call in catcher.calls]
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if any(len(r) != len(records[0]) for r in records):
+        raise RuntimeError("the model's forward did not call every decoder layer once per batch; "
+                           "this architecture's layer loop is not supported")
+    memo: dict = {}
+    return LayerCalls([[move(call, offload, memo=memo) for call in r] for r in records])
+
+
+def capture_layer_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, *, device, offload, batch_size: int):
+    """Layer 0's calls only: [(args, kwargs)] per batch (see capture_layer_calls for every layer's)."""
+    return capture_layer_calls(model, layers, batches, device=device, offload=offload, batch_size=batch_size).first()
 
 
 def _run_layer(layer, calls, device, offload) -> list:
@@ -143,7 +192,8 @@ def run_sequential(
         for layer in layers:
             layer.to(offload)
 
-    calls = capture_layer_inputs(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
+    arguments = capture_layer_calls(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
+    calls = arguments.first()
     # The dense model's own activations, kept beside the compressed ones only when something asks for them.
     dense_wanted = "cross" in needs or (refine is not None and refine_target == "dense")
     dense_calls = list(calls) if dense_wanted and propagate == "compressed" else None
@@ -182,9 +232,9 @@ def run_sequential(
             refined = [with_hidden(call, y) for call, y in zip(calls, outputs)]
         if propagate == "compressed" and targets:
             outs = refined if refined is not None else _run_layer(layer, calls, device, offload)
-        calls = outs
+        calls = arguments.onto(index + 1, outs)
         if dense_calls is not None:
-            dense_calls = dense_outs
+            dense_calls = arguments.onto(index + 1, dense_outs)
         layer.to(offload)
         if layer_io is not None:
             layer_io.done(index, layer)

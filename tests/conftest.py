@@ -12,9 +12,14 @@ TINY_SIZES = dict(
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
-def build_tiny(arch: str, *, seed: int = 0, correlated: bool = False, tie: bool = False):
+# Qwen2 with layer 0 on full attention and layer 1 on a 4-token sliding window: calibration windows longer than
+# the window make the two layers' masks differ (what a runner replaying layer 0's arguments gets wrong).
+SLIDING = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+
+
+def build_tiny(arch: str, *, seed: int = 0, correlated: bool = False, tie: bool = False, sliding: bool = False):
     """A 2-layer GQA model of `arch`. Qwen2's q/k/v biases get random non-zero values (init leaves them at zero).
-    `correlated`: embeddings with a decaying spectrum, so layer inputs are strongly correlated like a real
+    `sliding`: qwen2 only, layers of mixed attention types (see SLIDING). `correlated`: embeddings with a decaying spectrum, so layer inputs are strongly correlated like a real
     model's (random init alone gives near-isotropic inputs, where whitening has little to gain)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
@@ -26,7 +31,9 @@ def build_tiny(arch: str, *, seed: int = 0, correlated: bool = False, tie: bool 
     }
     config_cls, model_cls = classes[arch]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**TINY_SIZES, tie_word_embeddings=tie))
+    if sliding and arch != "qwen2":
+        raise ValueError("the mixed sliding/full attention tiny model is a qwen2")
+    model = model_cls(config_cls(**TINY_SIZES, tie_word_embeddings=tie, **(SLIDING if sliding else {})))
     with torch.no_grad():
         if arch == "qwen2":
             for layer in model.model.layers:
