@@ -29,7 +29,7 @@ from compressor.recipe import Recipe, load_recipe
 from compressor.refine import RefineReport, refine_block
 from compressor.sequential import run_sequential
 from compressor.stats import Stats
-from compressor.targets import select_targets
+from compressor.targets import find_decoder_layers, select_targets
 
 REPORT_STATS = frozenset({"gram"})  # the report's output error needs the Gram of every target
 
@@ -99,6 +99,7 @@ class CompressionResult:
     calibration: dict = field(default_factory=dict)
     storage_dtype: torch.dtype | None = None  # the checkpoint's dtype; save() writes the weights in it
     refinement: list[RefineReport] = field(default_factory=list)  # per decoder layer, when the recipe refines
+    resumed_from: int = 0  # decoder layers an interrupted run had finished (compress(journal=...)); 0: none
 
     def specs(self) -> dict[str, dict]:
         return {m.name: m.spec for m in self.modules if m.compressed}
@@ -220,6 +221,7 @@ def compress(
     storage_dtype: torch.dtype | None = None,
     progress=None,
     layer_io=None,
+    journal=None,
 ) -> CompressionResult:
     """Compress `model` in place with `recipe` (a Recipe, a built-in name or a YAML path).
 
@@ -228,6 +230,8 @@ def compress(
     calibration forward pass runs at all. `storage_dtype`: the dtype the checkpoint will be saved in; the
     compressed weights are rounded through it so that the in-memory model equals what gets saved. `layer_io`:
     decoder layers loaded lazily from disk (use compressor.streaming.compress_streaming rather than by hand).
+    `journal` (compressor/journal.py): record each finished layer, and resume after the last one an interrupted
+    run with the same journal finished; the result is identical to an uninterrupted run's.
     """
     recipe = _as_recipe(recipe)
     method = registry.get(recipe.method)
@@ -235,7 +239,7 @@ def compress(
     options = recipe.method_options()
     needs = method.needs_for(options) | REPORT_STATS
     timings: dict[str, float] = {}
-    start = time.perf_counter()
+    started = time.perf_counter()
     layer_targets = select_targets(model, recipe.targets, recipe.ignore)
     expected = sum(len(t) for t in layer_targets)
     reports: list[ModuleReport] = []
@@ -247,7 +251,8 @@ def compress(
     def decompose_layer(index, groups, stats):
         t0 = time.perf_counter()
         if layer_targets[index]:
-            reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated))
+            reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated,
+                                          storage_dtype=storage_dtype))
         timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
 
     def on_layer(index, collector):  # once per layer, or once per group of it (sequential.granularity: group)
@@ -272,6 +277,20 @@ def compress(
         refinements.append(report)
         timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - t0
         return outs
+
+    resumed = journal.resumed() if journal is not None else None
+    start = resumed.done if resumed is not None else 0
+    if resumed is not None:
+        reports.extend(ModuleReport.from_dict(d) for d in resumed.state["modules"])
+        refinements.extend(RefineReport(**d) for d in resumed.state["refinement"])
+
+    def layer_done(index, layer, hidden, dense_hidden):
+        tensors = None
+        if layer_io is None:  # the output is written at the end: the journal keeps the compressed layer meanwhile
+            prefix = f"{find_decoder_layers(model)[0]}.{index}."
+            tensors = {prefix + k: v for k, v in layer.state_dict().items()}
+        state = {"modules": [m.to_dict() for m in reports], "refinement": [r.to_dict() for r in refinements]}
+        journal.record(index + 1, hidden, dense_hidden, state, tensors)
 
     if layer_io is not None:
         _check_streamable(recipe, statistics)
@@ -304,27 +323,50 @@ def compress(
         timings["allocation"] = time.perf_counter() - t0
         if _dense_statistics_suffice(recipe):
             statistics = dense_stats
+    if resumed is not None:  # after the dense passes above (Fisher, allocation): they need every layer dense
+        if layer_io is None:
+            _restore_finished_layers(model, reports, journal, start)
+        else:
+            layer_io.resume(start)
     if statistics is not None:
         if not needs <= statistics.needs:
             raise ValueError(f"statistics lack {sorted(needs - statistics.needs)} needed by {method.name}")
         if tuple(tuple(t) for t in layer_targets) != statistics.targets:
             raise ValueError("statistics were collected for other targets than this recipe's")
         for index, (groups, stats) in enumerate(statistics.layers):
-            decompose_layer(index, groups, stats)
+            if index >= start:
+                decompose_layer(index, groups, stats)
+                if journal is not None:
+                    layer_done(index, find_decoder_layers(model)[1][index], [], None)
             if progress is not None:
                 progress(index)
     else:
         run_sequential(model, batches, layer_targets, needs, on_layer, device=device,
                        batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress, layer_io=layer_io,
                        granularity=recipe.sequential.granularity, skip_first=recipe.calibration.skip_first,
-                       refine=refine if recipe.refine.epochs > 0 else None, refine_target=recipe.refine.target)
-        timings["statistics"] = time.perf_counter() - start - sum(timings.values())
+                       refine=refine if recipe.refine.epochs > 0 else None, refine_target=recipe.refine.target,
+                       start=start, start_hidden=resumed and (resumed.hidden, resumed.dense_hidden),
+                       on_layer_done=layer_done if journal is not None else None)
+        timings["statistics"] = time.perf_counter() - started - sum(timings.values())
     if len(reports) != expected:
         raise RuntimeError(f"failed to compress {expected - len(reports)} of {expected} target modules")
     if storage_dtype is not None:
         _round_through(model, storage_dtype)
-    timings["compress_total"] = time.perf_counter() - start
-    return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype, refinements)
+    timings["compress_total"] = time.perf_counter() - started
+    return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype, refinements, start)
+
+
+def _restore_finished_layers(model: nn.Module, reports: list[ModuleReport], journal, done: int) -> None:
+    """Swap in the compressed modules of layers 0..done-1 and load their tensors as the interrupted run left them."""
+    from compressor.hf_integration import replace_linears
+    from safetensors.torch import load_file
+
+    path, layers = find_decoder_layers(model)
+    replace_linears(model, {m.name: m.spec for m in reports if m.compressed})
+    for index in range(done):
+        prefix = f"{path}.{index}."
+        tensors = load_file(journal.layer_file(index))
+        layers[index].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
 
 
 def _dense_statistics_suffice(recipe: Recipe) -> bool:

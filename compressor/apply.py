@@ -3,18 +3,25 @@
 Targets that share an input (and so a Stats object) and a shape are decomposed in one batched call. The rank
 comes from rank.py for factorising methods; a target where factoring would not save parameters stays dense
 and gets a report line saying so.
+
+Bytes: every report line also carries the target's stored bytes before (dense, in the checkpoint's dtype) and
+after (the replacement module's tensors as they will be written: compressor.modules.stored_bytes), so
+`size_ratio` is measured, not predicted. Options with a `dense_bits` field (byte budgets) get it filled in from
+the checkpoint's dtype; a factorising method whose options set `factor_bits` has its factors quantised
+(compressor/methods/factor_quant.py) before the modules are built.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from compressor.modules import module_from_factors
+from compressor.methods.factor_quant import quantize_decomposition
+from compressor.modules import module_from_factors, stored_bytes
 from compressor.rank import resolve_rank
 from compressor.registry import Method
 from compressor.stats import Stats
@@ -35,9 +42,28 @@ class ModuleReport:
     seconds: float
     note: str = ""
     predicted_rel_output_error: float | None = None  # from the dense model's spectrum (rank allocation)
+    bytes_before: int | None = None  # the dense weight (+ bias) in the checkpoint's dtype
+    bytes_after: int | None = None  # every tensor the checkpoint holds for this target
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["param_ratio"] = self.params_after / max(self.params_before, 1)
+        out["size_ratio"] = None if self.bytes_before is None else self.bytes_after / max(self.bytes_before, 1)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleReport":
+        """The inverse of to_dict (derived keys dropped): reports kept in a run's journal."""
+        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        return cls(**{**kept, "shape": tuple(kept["shape"])})
+
+
+def with_dense_bits(options, dtype: torch.dtype):
+    """`options` with `dense_bits` (bits of one weight of the output dtype) filled in, when the method's options
+    have that field and the recipe left it unset."""
+    if "dense_bits" not in type(options).model_fields or getattr(options, "dense_bits") is not None:
+        return options
+    return options.model_copy(update={"dense_bits": 8 * torch.empty((), dtype=dtype).element_size()})
 
 
 ERROR_ROWS = 512  # rows per fp64 block: the transient stays ~3 × 512 × n × 8 bytes, whatever the matrix size
@@ -69,12 +95,19 @@ def compress_layer(
     method: Method,
     options,
     allocated: dict | None = None,
+    storage_dtype: torch.dtype | None = None,
 ) -> list[ModuleReport]:
     """`groups`: owner -> names sharing its input; `stats`: owner -> Stats. Swaps modules in `model`.
+    `storage_dtype`: the checkpoint's dtype (bytes are counted in it; default: the weights' own dtype).
 
     `allocated`: name -> (rank or None for "keep dense", predicted error) from rank allocation; without it a
     factorising method's rank comes from its own `rank` / `param_ratio` option."""
     reports: list[ModuleReport] = []
+    first = next(iter(targets.values()), None)
+    storage_dtype = storage_dtype or (first.weight.dtype if first is not None else torch.float32)
+    element_size = torch.empty((), dtype=storage_dtype).element_size()
+    options = with_dense_bits(options, storage_dtype)
+    factor_bits = getattr(options, "factor_bits", None) if method.factorizes else None
     for owner, names in groups.items():
         buckets: dict[tuple, list[str]] = {}
         for name in names:
@@ -89,7 +122,9 @@ def compress_layer(
                 if rank is None:
                     bias = targets[name].bias
                     dense = m * n + (0 if bias is None else bias.numel())
-                    reports.append(ModuleReport(name, (m, n), False, None, dense, dense, 0.0, 0.0, 0, 0.0, reason))
+                    nbytes = dense * element_size
+                    reports.append(ModuleReport(name, (m, n), False, None, dense, dense, 0.0, 0.0, 0, 0.0, reason,
+                                                bytes_before=nbytes, bytes_after=nbytes))
                     continue
             buckets.setdefault((m, n, rank), []).append(name)
         for (m, n, rank), members in buckets.items():
@@ -97,6 +132,8 @@ def compress_layer(
             W = torch.stack([lin.weight.detach() for lin in originals]).to(torch.float32)
             start = time.perf_counter()
             result = method.decompose(W, stats[owner], options, rank)
+            if factor_bits is not None:
+                result = quantize_decomposition(result, stats[owner].gram, factor_bits, options.factor_group_size)
             seconds = (time.perf_counter() - start) / len(members)
             clamps = result.clamped_eigenvalues // len(members)
             for name, lin, factors in zip(members, originals, result.factors):
@@ -109,7 +146,9 @@ def compress_layer(
                 before = m * n + (0 if bias is None else bias.numel())
                 predicted = allocated[name][1] if allocated is not None else None
                 reports.append(ModuleReport(name, (m, n), True, factors.spec(), before, after, rel_w, rel_out, clamps,
-                                            seconds, predicted_rel_output_error=predicted))
+                                            seconds, predicted_rel_output_error=predicted,
+                                            bytes_before=before * element_size,
+                                            bytes_after=stored_bytes(module, storage_dtype)))
                 set_submodule(model, name, module)
                 # The replaced linear stays referenced by the caller's target lists: free its weight now, or
                 # every decoder layer's dense weights would live until compression ends.

@@ -7,7 +7,13 @@ Parameter names are part of the checkpoint format (config.json's quantization_co
   residual `lora_A.weight`, `lora_B.weight` — y = dequant(W) x + bias + lora_B(lora_A x).
 - LowRankSparseLinear: LowRankLinear's `A.weight`, `B.weight`, `B.bias`, plus parameter `S_values` and buffer
   `S_indices` (int16/int32) — y = B(A x) + bias + S x. Per-row layout: (out, k_row) both; total layout:
-  values (nnz,), indices (2, nnz) = (rows, cols).
+  values (nnz,), indices (2, nnz) = (rows, cols). With spec `format: bitmask`: buffer `S_mask` (uint8,
+  (out, ⌈in/8⌉), compressor.factors.pack_mask) instead of `S_indices`, values in row-major order.
+- QuantLowRankLinear: both factors as packed b-bit codes — buffers `A_qweight`, `A_qzeros`, `A_scales` (rank, in)
+  and `B_qweight`, `B_qzeros`, `B_scales` (out, rank) in QuantLinear's format; optional `bias` — y = B̂(Â x) + bias.
+
+Every module's stored bytes are its state dict's tensors: floating ones in the checkpoint's dtype, except the
+fp16 `*scales` of the packed formats, which stay fp16 (compressor.report.stored_bytes).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import torch
 from torch import nn
 
 from compressor import quant
-from compressor.factors import LowRank, LowRankSparse, Quantized, sparse_index_dtype
+from compressor.factors import (LowRank, LowRankSparse, QuantLowRank, Quantized, factor_group_size, sparse_index_dtype,
+                                unpack_mask)
 
 
 class LowRankLinear(nn.Module):
@@ -102,13 +109,14 @@ class QuantLinear(nn.Module):
 class LowRankSparseLinear(nn.Module):
     def __init__(
         self, in_features, out_features, rank: int, bias: bool, nnz_per_row: int | None = None,
-        nnz: int | None = None, dtype=None, device=None,
+        nnz: int | None = None, dtype=None, device=None, fmt: str = "indices",
     ):
         super().__init__()
         if (nnz_per_row is None) == (nnz is None):
             raise ValueError("LowRankSparseLinear needs exactly one of nnz_per_row or nnz")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.per_row = nnz_per_row is not None
+        self.fmt = fmt
         self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
         if self.per_row:
@@ -118,7 +126,13 @@ class LowRankSparseLinear(nn.Module):
             shape, index_shape = (nnz,), (2, nnz)
             index_dtype = sparse_index_dtype(max(in_features, out_features))
         self.S_values = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
-        self.register_buffer("S_indices", torch.zeros(index_shape, dtype=index_dtype, device=device))
+        if fmt == "bitmask":
+            mask_shape = (out_features, (in_features + 7) // 8)
+            self.register_buffer("S_mask", torch.zeros(mask_shape, dtype=torch.uint8, device=device))
+        elif fmt == "indices":
+            self.register_buffer("S_indices", torch.zeros(index_shape, dtype=index_dtype, device=device))
+        else:
+            raise ValueError(f"unknown sparse format {fmt!r}")
 
     @property
     def nnz(self) -> int:
@@ -128,6 +142,9 @@ class LowRankSparseLinear(nn.Module):
         """S as a dense (out, in) matrix."""
         dtype = dtype or self.S_values.dtype
         S = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.S_values.device)
+        if self.fmt == "bitmask":
+            S[unpack_mask(self.S_mask, self.in_features)] = self.S_values.to(dtype).reshape(-1)
+            return S
         if self.per_row:
             return S.scatter_(1, self.S_indices.long(), self.S_values.to(dtype))
         return S.index_put_((self.S_indices[0].long(), self.S_indices[1].long()), self.S_values.to(dtype))
@@ -154,15 +171,94 @@ class LowRankSparseLinear(nn.Module):
             spec["nnz_per_row"] = self.S_values.shape[1]
         else:
             spec["nnz"] = self.nnz
+        if self.fmt != "indices":
+            spec["format"] = self.fmt
         return spec
 
     def extra_repr(self) -> str:
         sparse = f"nnz_per_row={self.S_values.shape[1]}" if self.per_row else f"nnz={self.nnz}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {sparse}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {sparse}, "
+                f"format={self.fmt}")
 
 
-COMPRESSED_MODULES = (LowRankLinear, QuantLinear, LowRankSparseLinear)
-KINDS = ("lowrank", "quant", "lowrank_sparse")  # every `spec()["kind"]` empty_module can rebuild
+def _register_packed(module: nn.Module, prefix: str, rows: int, cols: int, bits: int, group_size: int, device):
+    groups = quant.num_groups(cols, group_size)
+    i32 = dict(dtype=torch.int32, device=device)
+    module.register_buffer(f"{prefix}qweight", torch.zeros(rows, quant.packed_words(cols, bits), **i32))
+    module.register_buffer(f"{prefix}qzeros", torch.zeros(rows, quant.packed_words(groups, bits), **i32))
+    module.register_buffer(f"{prefix}scales", torch.ones(rows, groups, dtype=torch.float16, device=device))
+
+
+def _unpacked(module: nn.Module, prefix: str, cols: int, bits: int, group_size: int) -> torch.Tensor:
+    scales = getattr(module, f"{prefix}scales")
+    q = quant.unpack(getattr(module, f"{prefix}qweight"), bits, cols)
+    zero = quant.unpack(getattr(module, f"{prefix}qzeros"), bits, scales.shape[1])
+    return quant.dequantize(q, scales, zero, group_size)
+
+
+class QuantLowRankLinear(nn.Module):
+    """Low rank with both factors quantised (`factor_bits`): y = B̂ (Â x) + bias, each factor dequantised on the fly
+    (like QuantLinear: exact and simple, not a fast kernel). `group_size` None: one scale per factor row."""
+
+    def __init__(self, in_features, out_features, rank: int, bits: int, group_size: int | None, bias: bool,
+                 dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bits, self.group_size = bits, group_size
+        self._gA, self._gB = factor_group_size(group_size, in_features), factor_group_size(group_size, rank)
+        _register_packed(self, "A_", rank, in_features, bits, self._gA, device)
+        _register_packed(self, "B_", out_features, rank, bits, self._gB, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def _apply(self, fn, recurse=True):
+        # As QuantLinear: the fp16 scales are part of the packed format; a bf16 round trip would round them.
+        kept = {name: getattr(self, name) for name in ("A_scales", "B_scales")}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            if getattr(self, name).dtype != torch.float16:
+                setattr(self, name, original.to(getattr(self, name).device))
+        return self
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Â (r, n), B̂ (m, r)) dequantised, fp32."""
+        return (_unpacked(self, "A_", self.in_features, self.bits, self._gA),
+                _unpacked(self, "B_", self.rank, self.bits, self._gB))
+
+    def dense_weight(self) -> torch.Tensor:
+        A, B = self.factors()
+        return B.double() @ A.double()
+
+    def refinable_parameters(self) -> list[nn.Parameter]:
+        """None: the factors are integer codes (block refinement cannot train them)."""
+        return []
+
+    def forward(self, x):
+        A, B = self.factors()
+        return nn.functional.linear(nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype), self.bias)
+
+    def spec(self) -> dict:
+        return {"kind": "lowrank_quant", "rank": self.rank, "bits": self.bits, "group_size": self.group_size}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.bits}, group_size={self.group_size}")
+
+
+def stored_bytes(module: nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes `module`'s state dict takes in a checkpoint: floating tensors in `float_dtype` (the checkpoint's dtype;
+    None: as they are) except the fp16 `*scales` of the packed formats, which keep their dtype; integer codes,
+    indices and masks as they are."""
+    total = 0
+    for name, t in module.state_dict().items():
+        size = t.element_size()
+        if float_dtype is not None and t.is_floating_point() and not name.endswith("scales"):
+            size = torch.empty((), dtype=float_dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+COMPRESSED_MODULES = (LowRankLinear, QuantLinear, LowRankSparseLinear, QuantLowRankLinear)
+KINDS = ("lowrank", "quant", "lowrank_sparse", "lowrank_quant")  # every `spec()["kind"]` empty_module can rebuild
 
 
 def empty_module(spec: dict, in_features: int, out_features: int, bias: bool, dtype=None, device=None) -> nn.Module:
@@ -175,22 +271,37 @@ def empty_module(spec: dict, in_features: int, out_features: int, bias: bool, dt
         )
     if kind == "lowrank_sparse":
         return LowRankSparseLinear(
-            in_features, out_features, spec["rank"], bias, spec.get("nnz_per_row"), spec.get("nnz"), dtype, device
+            in_features, out_features, spec["rank"], bias, spec.get("nnz_per_row"), spec.get("nnz"), dtype, device,
+            spec.get("format", "indices"),
         )
+    if kind == "lowrank_quant":
+        return QuantLowRankLinear(in_features, out_features, spec["rank"], spec["bits"], spec["group_size"], bias,
+                                  dtype, device)
     raise ValueError(f"unknown compressed module kind {kind!r} in checkpoint config")
 
 
 @torch.no_grad()
 def module_from_factors(factors, bias: torch.Tensor | None, dtype) -> nn.Module:
     """Build the replacement module for one compressed linear, weights cast to the model dtype."""
-    m = factors.qweight.shape[0] if isinstance(factors, Quantized) else factors.B.shape[0]
-    n = factors.in_features if isinstance(factors, Quantized) else factors.A.shape[1]
+    if isinstance(factors, QuantLowRank):
+        m, n = factors.B.qweight.shape[0], factors.A.in_features
+    elif isinstance(factors, Quantized):
+        m, n = factors.qweight.shape[0], factors.in_features
+    else:
+        m, n = factors.B.shape[0], factors.A.shape[1]
     module = empty_module(factors.spec(), n, m, bias is not None, dtype=dtype)
+    if isinstance(factors, QuantLowRank):
+        for prefix, q in (("A_", factors.A), ("B_", factors.B)):
+            for part in ("qweight", "qzeros", "scales"):
+                getattr(module, prefix + part).copy_(getattr(q, part))
+        if bias is not None:
+            module.bias.copy_(bias)
+        return module
     if isinstance(factors, LowRankSparse):
         module.A.weight.copy_(factors.A)
         module.B.weight.copy_(factors.B)
         module.S_values.copy_(factors.values)
-        module.S_indices.copy_(factors.indices)
+        (module.S_mask if factors.fmt == "bitmask" else module.S_indices).copy_(factors.indices)
         if bias is not None:
             module.B.bias.copy_(bias)
         return module

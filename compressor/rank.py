@@ -3,37 +3,59 @@
 A rank-r factorisation of an m x n matrix stores r(m + n) numbers instead of m n; "keep a fraction p of the
 parameters" means r = floor(p m n / (m + n)). Factoring only pays when r(m + n) < m n: otherwise the target is
 skipped (left dense) and the report says why.
+
+Bytes (`size_ratio`): the stored bytes of the factors relative to the same matrix stored dense in the output's
+dtype (`dense_bits` per weight: 16 for bf16/fp16, 32 for fp32). Factors in the output dtype cost r(m + n)·bytes,
+so there size_ratio = param_ratio; with `factor_bits` b (8 or 4) each factor is b-bit codes plus fp16 scales and
+packed zero points per group (compressor/methods/factor_quant.py), and the rank is the largest whose exact
+stored bytes (`factor_bytes`) fit — about 16/b times more rank for the same bytes. Biases are stored dense either
+way and are not part of the rank choice.
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compressor import quant
 from compressor.linalg import SVDSolver
 
 
 
 
 class RankOptions(BaseModel):
-    """Options shared by every factorising method: exactly one of `rank` or `param_ratio`."""
+    """Options shared by every factorising method: exactly one of `rank`, `param_ratio` or `size_ratio`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    exclusive_options: ClassVar = (("rank", "param_ratio"),)  # `--set rank=16` replaces a recipe's ratio
+    # `--set rank=16` replaces a recipe's ratio
+    exclusive_options: ClassVar = (("rank", "param_ratio", "size_ratio"),)
 
     rank: Optional[int] = Field(None, gt=0, description="fixed rank for every target")
     param_ratio: Optional[float] = Field(
         None, gt=0, le=1, description="fraction of each target's parameters to keep (0.8 = 20% removed)"
     )
+    size_ratio: Optional[float] = Field(
+        None, gt=0, lt=1, description="fraction of each target's dense bytes (in the output dtype) to store"
+    )
+    factor_bits: Optional[Literal[4, 8]] = Field(
+        None, description="store both factors as 8- or 4-bit codes (None: in the output dtype)"
+    )
+    factor_group_size: Optional[int] = Field(
+        128, gt=0, description="`factor_bits`: input columns per scale of each factor (None: one per row)"
+    )
+    dense_bits: Optional[Literal[16, 32]] = Field(
+        None, description="bits of one dense weight in the output dtype, for `size_ratio` (the pipeline sets it "
+                          "from the checkpoint's dtype; 16 when unknown)"
+    )
     svd_solver: SVDSolver = "gram"  # see compressor.linalg.truncated_svd
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        if (self.rank is None) == (self.param_ratio is None):
-            raise ValueError("set exactly one of 'rank' or 'param_ratio'")
+        if sum(v is not None for v in (self.rank, self.param_ratio, self.size_ratio)) != 1:
+            raise ValueError("set exactly one of 'rank', 'param_ratio' or 'size_ratio'")
         return self
 
 
@@ -46,11 +68,54 @@ def saves_parameters(m: int, n: int, rank: int) -> bool:
     return rank * (m + n) < m * n
 
 
+def factor_bytes(m: int, n: int, rank: int, factor_bits: int | None, group_size: int | None,
+                 element_size: int) -> int:
+    """Exact stored bytes of rank-r factors A (r, n), B (m, r): in the output dtype, or as packed `factor_bits`
+    codes with one fp16 scale and one packed zero point per group (compressor.quant's format)."""
+    if factor_bits is None:
+        return rank * (m + n) * element_size
+
+    def packed(rows: int, cols: int) -> int:
+        groups = quant.num_groups(cols, cols if group_size is None else group_size)
+        words = quant.packed_words(cols, factor_bits) + quant.packed_words(groups, factor_bits)
+        return rows * (4 * words + 2 * groups)
+
+    return packed(rank, n) + packed(m, rank)
+
+
+def rank_for_size(m: int, n: int, size_ratio: float, factor_bits: int | None, group_size: int | None,
+                  element_size: int) -> int:
+    """Largest rank ≤ min(m, n) whose factors' bytes are ≤ size_ratio × the dense m·n weights' (0: none fits)."""
+    budget = Fraction(repr(float(size_ratio))) * m * n * element_size
+    lo, hi = 0, min(m, n)  # factor_bytes grows with the rank: bisect for the last one within the budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if factor_bytes(m, n, mid, factor_bits, group_size, element_size) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def resolve_rank(m: int, n: int, options: RankOptions) -> tuple[int | None, str]:
-    """(rank, "") for a target that should be factored, or (None, reason) for one that must stay dense."""
-    rank = options.rank if options.rank is not None else rank_for_ratio(m, n, options.param_ratio)
-    if not saves_parameters(m, n, rank):
+    """(rank, "") for a target that should be factored, or (None, reason) for one that must stay dense.
+
+    Factors in the output dtype must save parameters (r(m + n) < m n); quantised factors must save bytes."""
+    bits, group = getattr(options, "factor_bits", None), getattr(options, "factor_group_size", 128)
+    element_size = (getattr(options, "dense_bits", None) or 16) // 8
+    if getattr(options, "size_ratio", None) is not None:
+        rank = rank_for_size(m, n, options.size_ratio, bits, group, element_size)
+        if rank == 0:
+            return None, f"no rank fits size_ratio {options.size_ratio} of {m}×{n}; kept dense"
+    else:
+        rank = options.rank if options.rank is not None else rank_for_ratio(m, n, options.param_ratio)
+    if bits is None and not saves_parameters(m, n, rank):
         return None, f"rank {rank} would store {rank * (m + n):,} >= {m * n:,} parameters; kept dense"
+    if bits is not None:
+        rank = min(rank, m, n)
+        stored, dense = factor_bytes(m, n, rank, bits, group, element_size), m * n * element_size
+        if stored >= dense:
+            return None, f"rank {rank} in {bits}-bit factors would store {stored:,} >= {dense:,} bytes; kept dense"
     return rank, ""
 
 

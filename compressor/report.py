@@ -1,5 +1,10 @@
 """report.json / report.md: what was done to every target, what it cost, and what it changed. Honest numbers:
-parameters actually kept, bytes of the weights, clamps, skipped targets with the reason."""
+parameters actually kept, bytes of the weights, clamps, skipped targets with the reason.
+
+Two ratios per target and in total: `param_ratio` (parameters kept — what papers compare; a quantised weight counts
+as one) and `size_ratio` (stored bytes of everything the checkpoint holds for the target — factors, codes, scales,
+zero points, sparse values and positions — over the same linear stored dense in the checkpoint's dtype). The
+bytes come from the tensors written (compressor.modules.stored_bytes), so they sum to the safetensors' sizes."""
 
 from __future__ import annotations
 
@@ -15,24 +20,23 @@ import compressor
 def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> int:
     """Bytes of the persistent weights as they are (or would be) saved; floating tensors counted in
     `float_dtype` when given (the checkpoint dtype), except fp16 quantization scales which stay fp16."""
-    total = 0
-    for name, t in model.state_dict().items():
-        size = t.element_size()
-        if float_dtype is not None and t.is_floating_point() and not name.endswith("scales"):
-            size = torch.empty((), dtype=float_dtype).element_size()
-        total += t.numel() * size
-    return total
+    from compressor.modules import stored_bytes
+
+    return stored_bytes(model, float_dtype)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Logical parameters: every quantized weight counts as one (at its bit width), plus its scales and zero
     points; packed int32 words are not parameters. Low-rank factors, biases and residual paths count in full."""
-    from compressor.modules import QuantLinear
+    from compressor.modules import QuantLinear, QuantLowRankLinear
 
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         if isinstance(module, QuantLinear):
             total += module.in_features * module.out_features + 2 * module.scales.numel()
+        elif isinstance(module, QuantLowRankLinear):
+            total += module.rank * (module.in_features + module.out_features)
+            total += 2 * (module.A_scales.numel() + module.B_scales.numel())
     return total
 
 
@@ -58,8 +62,12 @@ def build_report(result, *, model_source: str, params_before: int, params_after:
         "model_params_after": params_after,
         "weight_bytes_before": bytes_before,
         "weight_bytes_after": bytes_after,
+        "target_bytes_before": sum(m.bytes_before or 0 for m in result.modules),
+        "target_bytes_after": sum(m.bytes_after or 0 for m in result.modules),
         "clamped_eigenvalues": sum(m.clamped_eigenvalues for m in done),
     }
+    totals["param_ratio"] = totals["target_params_after"] / max(totals["target_params_before"], 1)
+    totals["size_ratio"] = totals["target_bytes_after"] / max(totals["target_bytes_before"], 1)
     ppl = None
     if ppl_before is not None or ppl_after is not None:
         ref = ppl_after or ppl_before
@@ -126,11 +134,14 @@ def render_markdown(report: dict, plots=()) -> str:
         "|---|---:|---:|---:|",
         f"| parameters (whole model) | {t['model_params_before']:,} | {t['model_params_after']:,} | "
         f"{t['model_params_after'] / max(t['model_params_before'], 1):.3f} |",
-        f"| parameters (targets) | {t['target_params_before']:,} | {t['target_params_after']:,} | "
+        f"| parameters (targets): param_ratio | {t['target_params_before']:,} | {t['target_params_after']:,} | "
         f"{t['target_params_after'] / max(t['target_params_before'], 1):.3f} |",
         f"| weight bytes | {_fmt_bytes(t['weight_bytes_before'])} | {_fmt_bytes(t['weight_bytes_after'])} | "
         f"{t['weight_bytes_after'] / max(t['weight_bytes_before'], 1):.3f} |",
     ]
+    if t.get("target_bytes_before"):
+        lines.insert(-1, f"| bytes (targets): size_ratio | {_fmt_bytes(t['target_bytes_before'])} | "
+                         f"{_fmt_bytes(t['target_bytes_after'])} | {t['size_ratio']:.3f} |")
     ppl = report.get("perplexity")
     if ppl:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
@@ -162,8 +173,9 @@ def render_markdown(report: dict, plots=()) -> str:
             plot = str(plot).replace("\\", "/")
             lines += [f"![{PLOTS.get(plot.rsplit('/', 1)[-1], plot)}]({plot})", ""]
     lines += [
-        "| module | shape | result | params before → after | rel. weight err | rel. output err | clamps | s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| module | shape | result | params before → after | param ratio | size ratio | rel. weight err | "
+        "rel. output err | clamps | s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in report["modules"]:
         spec = m["spec"] or {}
@@ -171,9 +183,11 @@ def render_markdown(report: dict, plots=()) -> str:
         out_err = "—" if m["rel_output_error"] is None else f"{m['rel_output_error']:.4f}"
         if m.get("predicted_rel_output_error") is not None:  # rank allocation's prediction, next to the measure
             out_err += f" (pred. {m['predicted_rel_output_error']:.4f})"
+        param_ratio = m["params_after"] / max(m["params_before"], 1)
+        size_ratio = "—" if m.get("size_ratio") is None else f"{m['size_ratio']:.3f}"
         lines.append(
             f"| {m['name']} | {m['shape'][0]}×{m['shape'][1]} | {result} | {m['params_before']:,} → "
-            f"{m['params_after']:,} | {m['rel_weight_error']:.4f} | {out_err} | {m['clamped_eigenvalues']} | "
-            f"{m['seconds']:.3f} |"
+            f"{m['params_after']:,} | {param_ratio:.3f} | {size_ratio} | {m['rel_weight_error']:.4f} | {out_err} | "
+            f"{m['clamped_eigenvalues']} | {m['seconds']:.3f} |"
         )
     return "\n".join(lines) + "\n"

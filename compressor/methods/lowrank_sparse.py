@@ -8,9 +8,15 @@ W' = W diag(d). Then alternate, starting from S = 0, for `iterations` rounds:
 Each half step minimises ‖W' − L − S‖_F over one block, so the objective never increases (`alternate` can
 record it). Finally unscale: W ≈ L diag(d)⁻¹ + S diag(d)⁻¹.
 
-Budget (counted in values; index bytes are reported separately by the checkpoint size): a fraction p =
-`param_ratio` of m·n is kept, `rank_fraction` of it goes to the low-rank part:
-    r = ⌊rank_fraction · p m n / (m + n)⌋,   k = ⌊p m n⌋ − r (m + n)   (k_row = ⌊k / m⌋ in `row` mode).
+Budget in bytes (`size_ratio` q, what recipe `lowrank-sparse-50` sets): the stored bytes — factors, sparse values
+and the sparse part's positions — are at most q × the dense m·n weights' bytes D = q·m·n·e (e bytes per weight
+in the output dtype, `dense_bits`/8). `rank_fraction` of D goes to the low-rank part, the rest to S:
+    r = ⌊rank_fraction · D / (e (m + n))⌋,   k = the most entries whose values and positions fit in D − r(m+n)e,
+positions stored in whichever `sparse_format` is smaller for that k: a bitmask (m·⌈n/8⌉ bytes, whatever k) or
+int16/int32 indices (2 bytes per entry in row mode) — the bitmask wins once S keeps more than 1/16 of the
+entries, as here. Budget in values (`param_ratio` p, the papers' count; positions not counted):
+    r = ⌊rank_fraction · p m n / (m + n)⌋,   k = ⌊p m n⌋ − r (m + n)   (k_row = ⌊k / m⌋ in `row` mode),
+stored in the smaller format too (so its bytes are ≈ (p + 1/(8e))× the dense bytes, not p×).
 rank_fraction = 1 means "no sparse part" (k = 0, plain d-scaled SVD); rank_fraction = 0 means no low-rank part
 (S alone = per-row |W|·‖x‖ pruning, i.e. Wanda). The method computes r and k itself from these options, so it
 registers with factorizes=False (the pipeline must not resolve a rank for it).
@@ -30,19 +36,27 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Literal
+from typing import ClassVar, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compressor.factors import Decomposition, LowRankSparse
+from compressor.factors import Decomposition, LowRankSparse, sparse_format_bytes
 from compressor.registry import register
 
 
 class LowRankSparseOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    exclusive_options: ClassVar = (("param_ratio", "size_ratio"),)
 
-    param_ratio: float = Field(0.5, description="fraction of each target's m·n values kept (low rank + sparse)")
+    param_ratio: Optional[float] = Field(None, description="fraction of each target's m·n values kept (low rank + "
+                                                           "sparse; 0.5 when neither ratio is set)")
+    size_ratio: Optional[float] = Field(None, gt=0, lt=1, description="fraction of each target's dense bytes stored "
+                                                                      "(factors + sparse values + positions)")
+    sparse_format: Literal["auto", "bitmask", "indices"] = Field(
+        "auto", description="how S's positions are stored: the smaller of the two (auto), or one of them")
+    dense_bits: Optional[Literal[16, 32]] = Field(
+        None, description="bits of one dense weight in the output dtype (the pipeline sets it; 16 when unknown)")
     rank_fraction: float = Field(0.3, ge=0, le=1, description="share of the kept budget given to the low-rank part")
     iterations: int = Field(40, ge=1, le=10_000, description="alternating rounds (one SVD each)")
     sparsity_per: Literal["row", "total"] = Field("row", description="keep k/m entries in every row, or k overall")
@@ -50,22 +64,58 @@ class LowRankSparseOptions(BaseModel):
 
     @field_validator("param_ratio")
     @classmethod
-    def _saves(cls, value: float) -> float:
-        if not 0 < value < 1:
+    def _saves(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 1:
             raise ValueError(
                 f"param_ratio must be in (0, 1), got {value}: low rank + sparse stores r(m+n) + k values and "
                 "cannot save anything at param_ratio >= 1"
             )
         return value
 
+    @model_validator(mode="after")
+    def _one_ratio(self):
+        if self.param_ratio is not None and self.size_ratio is not None:
+            raise ValueError("set one of 'param_ratio' or 'size_ratio'")
+        return self
+
+
+def _fit_entries(room: int, m: int, n: int, e: int, fmt: str, per_row: bool) -> int:
+    """The most sparse entries whose values (e bytes each) and positions fit in `room` bytes (row mode: a multiple
+    of m)."""
+    step = m if per_row else 1
+    if fmt == "bitmask":
+        k = max(room - sparse_format_bytes("bitmask", m, n, 0, per_row), 0) // e
+    else:
+        k = room // (e + sparse_format_bytes("indices", m, n, 1, per_row))
+    return min((k // step) * step, m * n)
+
+
+def sparse_format(options: LowRankSparseOptions, m: int, n: int, k: int, per_row: bool) -> str:
+    if options.sparse_format != "auto":
+        return options.sparse_format
+    sizes = {fmt: sparse_format_bytes(fmt, m, n, k, per_row) for fmt in ("indices", "bitmask")}
+    return min(sizes, key=lambda fmt: (sizes[fmt], fmt != "indices"))  # a tie keeps indices
+
 
 def budget(m: int, n: int, options: LowRankSparseOptions) -> tuple[int, int]:
     """(rank r, sparse entries k) for an m×n target. In `row` mode k is a multiple of m (k_row per row)."""
-    kept = math.floor(Fraction(repr(float(options.param_ratio))) * m * n)
+    per_row = options.sparsity_per == "row"
+    if options.size_ratio is not None:
+        e = (options.dense_bits or 16) // 8
+        room = math.floor(Fraction(repr(float(options.size_ratio))) * m * n * e)
+        rank = min(math.floor(Fraction(repr(float(options.rank_fraction))) * room / (e * (m + n))), m, n)
+        if options.rank_fraction == 1:
+            return rank, 0
+        room -= rank * (m + n) * e
+        fits = {fmt: _fit_entries(room, m, n, e, fmt, per_row) for fmt in ("indices", "bitmask")}
+        if options.sparse_format != "auto":
+            return rank, fits[options.sparse_format]
+        return rank, max(fits.values())
+    kept = math.floor(Fraction(repr(float(options.param_ratio or 0.5))) * m * n)
     rank = math.floor(Fraction(repr(float(options.rank_fraction))) * kept / (m + n))
     rank = min(rank, m, n)
     k = 0 if options.rank_fraction == 1 else kept - rank * (m + n)
-    if options.sparsity_per == "row":
+    if per_row:
         k = (k // m) * m
     return rank, k
 
@@ -133,6 +183,7 @@ def decompose(W: torch.Tensor, stats, options: LowRankSparseOptions, rank=None) 
     per_row = options.sparsity_per == "row"
     d = channel_scales(stats, n, options.channel_floor).to(W.device, torch.float32)
     B, A, S, idx, _ = alternate(W.to(torch.float32) * d, r, k, options.iterations, per_row)
+    fmt = sparse_format(options, m, n, k, per_row) if k else "indices"
     A = A / d  # L diag(d)⁻¹
     out = []
     for i in range(W.shape[0]):
@@ -148,5 +199,5 @@ def decompose(W: torch.Tensor, stats, options: LowRankSparseOptions, rank=None) 
             rows, cols = rows[order], cols[order]
             values = S[i][rows, cols] / d[cols]
             indices = torch.stack([rows, cols])
-        out.append(LowRankSparse.from_indices(A[i], B[i], values, indices, in_features=n, per_row=per_row))
+        out.append(LowRankSparse.from_indices(A[i], B[i], values, indices, in_features=n, per_row=per_row, fmt=fmt))
     return Decomposition(out)

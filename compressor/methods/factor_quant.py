@@ -1,0 +1,69 @@
+"""Quantised low-rank factors (recipe option `factor_bits`): store B A as b-bit codes, spending the bytes on rank.
+
+A factorising method's answer L = B A (m × n, rank r) is replaced by B̂ Â with both factors in RTN/GPTQ's packed
+format (compressor.quant: per-group fp16 scales and packed zero points; groups of `group_size` input columns of
+each factor, or one group per row). Quantising each factor on its own would ignore the other; instead, with the
+calibration Gram G = X Xᵀ, minimise the output error ‖(L − B̂ Â) X‖_F in three steps:
+
+1. Balance: scale B's columns to unit norm and A's rows by the inverse (B A unchanged), so B's columns — which
+   share a scale per group — have comparable ranges (for SVD-LLM B = U Σ^{1/2}: otherwise the largest singular
+   direction sets every step). GPTQ-quantise B with its own input Gram A G Aᵀ (the inputs of B are A x).
+2. Re-fit A for the quantised B̂: min_A ‖(L − B̂ A) X‖ → A = B̂⁺ L (exact least squares; G drops out where it is
+   full rank), then GPTQ-quantise A on G (A reads x itself). GPTQ treats A's rows independently, which is exact
+   when B̂ᵀB̂ is diagonal (nearly so after step 1: B's columns are orthogonal for whitened SVDs).
+3. Re-fit B for the quantised Â: B = L G Âᵀ (Â G Âᵀ)⁻¹, GPTQ-quantise it on Â G Âᵀ; kept only when it lowers
+   the output error on G.
+
+Pure: tensors in, `QuantLowRank` out. Without a Gram (G = I) GPTQ is plain RTN and the fits are in weight space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.factors import Decomposition, LowRank, Quantized, QuantLowRank, factor_group_size
+from compressor.methods.gptq import GPTQOptions, gptq_codes
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> Quantized:
+    options = GPTQOptions(bits=bits, group_size=group_size)
+    codes, scale, zero = gptq_codes(W.float(), H, options)
+    return Quantized.from_codes(codes, scale, zero, bits, group_size)
+
+
+def _output_error(L: torch.Tensor, B: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> float:
+    D = L - B @ A
+    return float(((D @ G) * D).sum())
+
+
+@torch.no_grad()
+def quantize_lowrank(factors: LowRank, gram: torch.Tensor | None, bits: int, group_size: int | None) -> QuantLowRank:
+    A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
+    r, n = A.shape
+    G = torch.eye(n, dtype=torch.float64, device=A.device) if gram is None else gram.to(A.device, torch.float64)
+    L = B @ A
+    gA, gB = factor_group_size(group_size, n), factor_group_size(group_size, r)
+
+    norms = torch.linalg.vector_norm(B, dim=0).clamp(min=1e-30)
+    B, A = B / norms, A * norms[:, None]
+    qB = _gptq(B, A @ G @ A.T, bits, gB)
+    Bh = qB.dequantized().to(torch.float64)
+    A = torch.linalg.pinv(Bh) @ L
+    qA = _gptq(A, G, bits, gA)
+    Ah = qA.dequantized().to(torch.float64)
+    best = _output_error(L, Bh, Ah, G)
+
+    H = Ah @ G @ Ah.T
+    damp = 1e-8 * H.diagonal().mean().clamp(min=1e-300) * torch.eye(r, dtype=H.dtype, device=H.device)
+    B2 = torch.linalg.solve(H + damp, Ah @ G @ L.T).T
+    qB2 = _gptq(B2, H, bits, gB)
+    if _output_error(L, qB2.dequantized().to(torch.float64), Ah, G) < best:
+        qB = qB2
+    return QuantLowRank(A=qA, B=qB, group_size=group_size)
+
+
+def quantize_decomposition(result: Decomposition, gram: torch.Tensor | None, bits: int,
+                           group_size: int | None) -> Decomposition:
+    """Every LowRank of a method's answer as quantised factors (fitted on the shared input Gram)."""
+    factors = [quantize_lowrank(f, gram, bits, group_size) for f in result.factors]
+    return Decomposition(factors, clamped_eigenvalues=result.clamped_eigenvalues)
