@@ -281,7 +281,7 @@ def compress(
     resumed = journal.resumed() if journal is not None else None
     start = resumed.done if resumed is not None else 0
     if resumed is not None:
-        reports.extend(ModuleReport.from_dict(d) for d in resumed.state["modules"])
+        reports.extend(_module_report(d) for d in resumed.state["modules"])
         refinements.extend(RefineReport(**d) for d in resumed.state["refinement"])
 
     def layer_done(index, layer, hidden, dense_hidden):
@@ -354,6 +354,12 @@ def compress(
         _round_through(model, storage_dtype)
     timings["compress_total"] = time.perf_counter() - started
     return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype, refinements, start)
+
+
+def _module_report(d: dict) -> ModuleReport:
+    """The inverse of ModuleReport.to_dict (its derived keys dropped): reports kept in a run's journal."""
+    kept = {f.name: d[f.name] for f in dataclasses.fields(ModuleReport) if f.name in d}
+    return ModuleReport(**{**kept, "shape": tuple(kept["shape"])})
 
 
 def _restore_finished_layers(model: nn.Module, reports: list[ModuleReport], journal, done: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -50,12 +50,6 @@ class ModuleReport:
         out["param_ratio"] = self.params_after / max(self.params_before, 1)
         out["size_ratio"] = None if self.bytes_before is None else self.bytes_after / max(self.bytes_before, 1)
         return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModuleReport":
-        """The inverse of to_dict (derived keys dropped): reports kept in a run's journal."""
-        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        return cls(**{**kept, "shape": tuple(kept["shape"])})
 
 
 def with_dense_bits(options, dtype: torch.dtype):

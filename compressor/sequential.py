@@ -170,6 +170,9 @@ def run_sequential(
     skip_first: int = 0,
     refine: Callable | None = None,
     refine_target: str = "compressed",
+    start: int = 0,
+    start_hidden: tuple[list, list | None] | None = None,
+    on_layer_done: Callable[[int, nn.Module, list, list | None], None] | None = None,
 ) -> None:
     """`layer_io` (see compressor/streaming.py): an object with `load(index, layer)`, called before a layer is
     used, and `done(index, layer)`, called once the runner no longer needs it — for weights that live on disk
@@ -182,7 +185,11 @@ def run_sequential(
     `refine(index, layer, calls, targets, device, offload) -> outputs`: called once a layer's targets are all
     compressed, with the layer's calibration inputs and the outputs it should reproduce — the dense layer's on
     the same inputs (`refine_target="compressed"`) or the dense model's own (`"dense"`: a second, dense stream);
-    it returns the compressed layer's outputs for `calls`, the next layer's inputs."""
+    it returns the compressed layer's outputs for `calls`, the next layer's inputs.
+    `start`, `start_hidden` = (hidden states, dense hidden states or None) per batch: resume at layer `start`
+    with the activations an earlier run had there (layers before it are neither loaded nor run).
+    `on_layer_done(index, layer, hidden, dense_hidden)`: called once layer `index` is finished (and handed to
+    `layer_io.done`), with the activations layer index+1 will get — what a journal keeps to resume from."""
     path, layers = find_decoder_layers(model)
     was_training = model.training
     model.eval()
@@ -197,7 +204,19 @@ def run_sequential(
     # The dense model's own activations, kept beside the compressed ones only when something asks for them.
     dense_wanted = "cross" in needs or (refine is not None and refine_target == "dense")
     dense_calls = list(calls) if dense_wanted and propagate == "compressed" else None
+    if start:
+        hidden, dense_hidden = start_hidden
+        if (dense_hidden is None) != (dense_calls is None) or len(hidden) != len(calls):
+            raise ValueError("the activations to resume from do not fit this run's streams")
+        carried = [((h,), {}) for h in hidden]
+        calls = arguments.onto(start, carried)
+        if dense_calls is not None:
+            dense_calls = arguments.onto(start, [((h,), {}) for h in dense_hidden])
     for index, layer in enumerate(layers):
+        if index < start:
+            if progress is not None:
+                progress(index)
+            continue
         if layer_io is not None:
             layer_io.load(index, layer)
         layer.to(device)
@@ -238,6 +257,9 @@ def run_sequential(
         layer.to(offload)
         if layer_io is not None:
             layer_io.done(index, layer)
+        if on_layer_done is not None:
+            on_layer_done(index, layer, [hidden_of(c) for c in calls],
+                          None if dense_calls is None else [hidden_of(c) for c in dense_calls])
         if progress is not None:
             progress(index)
     # The embeddings and head follow the layers back: one place for the whole model.
