@@ -65,7 +65,7 @@ def test_objective_never_increases(per_row):
 @pytest.mark.parametrize("p,rf,mode", [(0.5, 0.3, "row"), (0.3, 0.5, "row"), (0.5, 0.3, "total"), (0.7, 0.0, "row")])
 def test_budget_is_respected_exactly(m, n, p, rf, mode):
     W = torch.randn(1, m, n, generator=torch.Generator().manual_seed(m + n))
-    options = LS.Options(param_ratio=p, rank_fraction=rf, iterations=3, sparsity_per=mode)
+    options = LS.Options(param_ratio=p, rank_fraction=rf, iterations=3, sparsity_per=mode, sparse_format="indices")
     f = LS.decompose(W, stats_of(correlated_inputs(n, 100)), options).factors[0]
     kept = math.floor(p * m * n + 1e-9)
     assert f.rank == math.floor(rf * kept / (m + n) + 1e-9)
@@ -106,7 +106,7 @@ def test_rank_fraction_one_is_scaled_svd_truncation():
 def test_rank_fraction_zero_is_wanda_pruning():
     W = torch.randn(1, 24, 40, generator=torch.Generator().manual_seed(5))
     X = correlated_inputs(40, 200)
-    f = LS.decompose(W, stats_of(X), LS.Options(rank_fraction=0.0)).factors[0]
+    f = LS.decompose(W, stats_of(X), LS.Options(rank_fraction=0.0, sparse_format="indices")).factors[0]
     score = W[0].double().abs() * X.norm(dim=0)  # |W_ij| · ‖x_j‖
     keep = score.topk(20, dim=1).indices
     assert f.rank == 0 and torch.equal(f.indices.long().sort(1).values, keep.sort(1).values)
@@ -158,10 +158,16 @@ def test_module_matches_its_factors_and_rebuilds_from_spec(mode):
     assert torch.allclose(module.dense_weight(), f.dense())
     empty = empty_module(f.spec(), 24, 40, True)
     assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
-    assert empty.S_indices.dtype == torch.int16
+    assert empty.S_mask.dtype == torch.uint8 and f.spec()["format"] == "bitmask"  # the smaller format here
     assert sum(p.numel() for p in module.parameters()) == f.num_params() + 40
     module.to(torch.bfloat16)
-    assert module.S_indices.dtype == torch.int16 and module.S_values.dtype == torch.bfloat16
+    assert module.S_mask.dtype == torch.uint8 and module.S_values.dtype == torch.bfloat16
+    # The index format holds the same S (what the smaller choice replaced).
+    options = LS.Options(iterations=4, sparsity_per=mode, sparse_format="indices")
+    g = LS.decompose(W, stats_of(correlated_inputs(24, 100)), options).factors[0]
+    indexed = module_from_factors(g, bias, torch.float32)
+    assert indexed.S_indices.dtype == torch.int16 and "format" not in g.spec()
+    assert torch.allclose(g.dense(), f.dense()) and torch.allclose(indexed.dense_weight(), f.dense())
 
 
 def test_factors_use_int32_indices_for_wide_inputs():
@@ -190,17 +196,19 @@ def test_compress_save_reload_identical_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     q = reloaded.model.layers[1].self_attn.q_proj
-    assert isinstance(q, LowRankSparseLinear) and q.S_indices.dtype == torch.int16
-    assert torch.equal(q.S_indices, model.model.layers[1].self_attn.q_proj.S_indices)
+    assert isinstance(q, LowRankSparseLinear) and q.S_mask.dtype == torch.uint8 and q.spec()["format"] == "bitmask"
+    assert torch.equal(q.S_mask, model.model.layers[1].self_attn.q_proj.S_mask)
 
-    # Bytes: the targets' dense fp32 weights are replaced by fp32 factors + fp32 values + int16 indices.
+    # Bytes: the targets' dense fp32 weights are replaced by fp32 factors + fp32 values + a 1-bit-per-weight mask,
+    # at most half the dense bytes (recipe size_ratio 0.5).
     dense_bytes = checkpoint_bytes(tmp_path / "dense")
     saved_target = sum(4 * m.params_before for m in result.modules)
     stored = 0
     for m in reloaded.modules():
         if isinstance(m, LowRankSparseLinear):
-            stored += 4 * (m.A.weight.numel() + m.B.weight.numel() + m.nnz) + 2 * m.S_indices.numel()
+            stored += 4 * (m.A.weight.numel() + m.B.weight.numel() + m.nnz) + m.S_mask.numel()
+    assert stored == sum(m.bytes_after for m in result.modules)
     expected = dense_bytes - saved_target + stored
     actual = checkpoint_bytes(tmp_path / "ls")
     assert abs(actual - expected) < 8_000  # safetensors JSON headers only
-    assert stored < 0.7 * saved_target  # 50% of values kept, ~70% of them with a 2-byte index
+    assert 0.45 * saved_target < stored <= 0.5 * saved_target
