@@ -152,7 +152,7 @@ def recipes_show(name):
     """Print a recipe (built-in name or path) as YAML, with defaults filled in."""
     from compressor.recipe import load_recipe
 
-    click.echo(load_recipe(name).to_yaml(), nl=False)
+    click.echo(load_recipe(name).with_defaults().to_yaml(), nl=False)
 
 
 @app.command()
@@ -209,6 +209,11 @@ def export(out, dense, quantized_adapter, output, overwrite):
     if dense == quantized_adapter:
         raise UserError("pass --dense (a plain dense checkpoint) or --quantized-adapter (a compressed-tensors base "
                         "plus a PEFT LoRA adapter), exactly one")
+    from compressor.preflight import check_output, export_bytes
+
+    # Before loading anything: writable, allowed (--overwrite), room for it. The adapter export has its own rules
+    # for an existing destination (a previous export may be replaced) and checks them itself, also first.
+    check_output(output, overwrite=overwrite, expected_bytes=export_bytes(out, dense=dense), destination_rules=dense)
     if dense:
         from compressor.export import export_dense
 

@@ -16,12 +16,21 @@ Lifecycle inside `from_pretrained` (transformers 5.x):
   → postprocess_model sets `model.config.quantization_config = LrcConfig`, so `model.save_pretrained` writes the
   section back and the saved directory loads again.
 
+Never silently wrong without lrc: transformers only *warns* about an unknown `quant_method` and then builds a dense
+model with random weights where the compressed linears were. So config.json's `model_type` is `MODEL_TYPE` (a
+sentence naming `import compressor`) and the architecture's own type moves to `quantization_config.base_model_type`.
+Without lrc, `AutoConfig` refuses an unknown model type with an error quoting it; after `import compressor`,
+`LrcModelConfig` (registered under `MODEL_TYPE`) hands the dictionary back to the base architecture's config class,
+so everything downstream sees a plain LlamaConfig / Qwen2Config / ... (`mark_config` writes this, io.py calls it).
+
 Registration runs on import and is idempotent (a second import or a reload of this module is a no-op).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -29,6 +38,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.modules import empty_module
 
 QUANT_METHOD = "lrc"
+# What plain transformers prints when it meets an lrc checkpoint ("has model type `...` but Transformers does not
+# recognize this architecture"): it must tell the reader what to do. Part of the format: never change it.
+MODEL_TYPE = "lrc (run 'import compressor' first; install lrc from its repository, not the PyPI package named lrc)"
 _DEFAULT_VERSION = "0.1.0"
 from compressor.modules import KINDS as _KINDS  # noqa: E402  (every kind empty_module rebuilds)
 
@@ -52,6 +64,7 @@ class LrcConfig(QuantizationConfigMixin):
         method: str | None = None,
         recipe: str | None = None,
         lrc_version: str | None = None,
+        base_model_type: str | None = None,
         quant_method: str = QUANT_METHOD,
         **unknown,
     ):
@@ -66,22 +79,67 @@ class LrcConfig(QuantizationConfigMixin):
         self.lrc_version = lrc_version or _version()
         self.method = method
         self.recipe = recipe
+        self.base_model_type = base_model_type  # None in checkpoints written before MODEL_TYPE existed
         self.modules = {str(name): dict(spec) for name, spec in (modules or {}).items()}
         for name, spec in self.modules.items():
             if spec.get("kind") not in _KINDS:
                 raise ValueError(f"lrc quantization_config: module {name!r} has unknown kind {spec.get('kind')!r}")
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "quant_method": self.quant_method,
             "lrc_version": self.lrc_version,
             "method": self.method,
             "recipe": self.recipe,
             "modules": {name: dict(spec) for name, spec in self.modules.items()},
         }
+        if self.base_model_type is not None:
+            out["base_model_type"] = self.base_model_type
+        return out
 
     def __iter__(self):
         yield from self.to_dict().items()
+
+
+def install_line() -> str:
+    """The pip command that installs this project (the PyPI name `lrc` belongs to another project)."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("lrc").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("source", "repository", "homepage") and url.strip():
+            return f'pip install "lrc @ git+{url.strip()}"'
+    return 'pip install "lrc @ git+<URL of the lrc repository>"  (or `bash scripts/setup.sh` in a checkout)'
+
+
+def mark_config(config: dict) -> dict:
+    """Make a config.json dictionary that carries an lrc `quantization_config` unloadable without lrc: its
+    `model_type` becomes MODEL_TYPE and the architecture's own type moves into the section. Idempotent."""
+    qc = config["quantization_config"]
+    if config.get("model_type") != MODEL_TYPE:
+        qc["base_model_type"] = config["model_type"]
+        config["model_type"] = MODEL_TYPE
+    return config
+
+
+class LrcModelConfig(PretrainedConfig):
+    """Registered with AutoConfig under MODEL_TYPE; never instantiated: `from_dict` returns the base architecture's
+    config (LlamaConfig, ...), so AutoModelForCausalLM, AutoTokenizer and save_pretrained see the real model."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        qc = config_dict.get("quantization_config")
+        base = qc.get("base_model_type") if isinstance(qc, dict) else None
+        if not isinstance(base, str) or base == MODEL_TYPE or base not in CONFIG_MAPPING:
+            raise ValueError(f"lrc checkpoint: config.json's quantization_config names no known base_model_type "
+                             f"(got {base!r})")
+        return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base}, **kwargs)
 
 
 def _resolve_names(model: nn.Module, names) -> dict[str, str]:
@@ -158,6 +216,10 @@ def register() -> None:
             )
         mapping.pop(QUANT_METHOD, None)  # our own class from an earlier import of this module (reload)
         decorator(QUANT_METHOD)(cls)
+    current = CONFIG_MAPPING._extra_content.get(MODEL_TYPE)
+    if current is not None and current.__module__ != LrcModelConfig.__module__:
+        raise RuntimeError(f"transformers already has model type {MODEL_TYPE!r} registered by {current.__module__}")
+    AutoConfig.register(MODEL_TYPE, LrcModelConfig, exist_ok=True)
 
 
 register()

@@ -153,6 +153,7 @@ def _module_table(model: nn.Module, modules: dict[str, dict] | None) -> dict[str
 def _write_quantization_config(model, config_file: Path, table, method: str, recipe_name: str) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["quantization_config"] = hf_integration.LrcConfig(modules=table, method=method, recipe=recipe_name).to_dict()
+    hf_integration.mark_config(config)  # unloadable without lrc, never silently random (see hf_integration.py)
     # A compressed output embedding can no longer be tied to the (dense) input embedding: both are saved and
     # must be loaded separately.
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -216,3 +217,9 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Make a complete temporary directory (written outside `atomic_output_dir`, e.g. a journaled run's) `out_dir`."""
+    _apply_umask(tmp)
+    _move_into_place(tmp, Path(out_dir), overwrite)

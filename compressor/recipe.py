@@ -106,6 +106,26 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def with_defaults(self) -> "Recipe":
+        """The same recipe with every method option written out (`lrc recipes show`): each default the method
+        would use, except unset alternatives (`rank` next to `param_ratio`) and options the recipe's choices make
+        invalid (GPTQ-only options under an RTN base). Compresses exactly like the original."""
+        options_cls = registry.get(self.method).Options
+        current = self.method_options()
+        resolved = current.model_dump(mode="json")
+        alternatives = {k for group in getattr(options_cls, "exclusive_options", ()) for k in group}
+        filled = dict(self.options)
+        for key, value in resolved.items():
+            if key in filled or (value is None and key in alternatives):
+                continue
+            try:
+                if options_cls(**{**filled, key: value}).model_dump(mode="json") == resolved:
+                    filled[key] = value
+            except ValidationError:
+                pass  # not settable next to the recipe's own choices
+        ordered = {k: filled[k] for k in resolved if k in filled}
+        return self.model_copy(update={"options": ordered})
+
 
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))

@@ -10,16 +10,20 @@ text), so bad input fails in a second with one line and nothing on disk.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from compressor import api
 from compressor.data import load_texts
 from compressor.errors import UserError
+from compressor.preflight import check_model_source, check_output, source_weight_bytes
 from compressor.recipe import load_recipe
 from compressor.report import build_report, count_parameters, render_markdown, state_bytes
 from compressor.targets import find_decoder_layers, select_targets
@@ -27,26 +31,79 @@ from compressor.targets import find_decoder_layers, select_targets
 console = Console(stderr=True)
 
 
+class _Rate(ProgressColumn):
+    """"3.2 windows/s" (rich's own speed columns speak bytes)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
+
+
 @contextmanager
-def layer_progress(description: str, total: int, enabled: bool = True):
-    """A rich progress bar with ETA; yields a callback(index) that advances it by one layer."""
+def progress_bar(description: str, total: int | None, enabled: bool = True, unit: str = "layers"):
+    """Progress with rate and ETA; yields a callback(done=None, total=None): `done` of `total` finished (None: one
+    more; `total` may arrive with the first call).
+
+    On a terminal: a rich bar. Elsewhere (CI, pipes, `nohup ... > log`): one plain flushed line per step with the
+    elapsed time and an estimate of the time left, since a bar off a terminal prints nothing until the end."""
     if not enabled:
         yield None
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    if not console.is_terminal:
+        start, state = time.perf_counter(), {"done": 0, "total": total}
+
+        def line(done=None, total=None):
+            state["done"] = state["done"] + 1 if done is None else done
+            state["total"] = total or state["total"]
+            n, of, elapsed = state["done"], state["total"], time.perf_counter() - start
+            eta = f", eta {_duration(elapsed / n * (of - n))}" if of and 0 < n < of else ""
+            rate = f"{n / elapsed:.2f} {unit}/s" if elapsed > 0 else ""
+            print(f"{description}: {n}/{of or '?'} {unit}, {_duration(elapsed)} elapsed, {rate}{eta}", file=sys.stderr,
+                  flush=True)
+
+        yield line
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(unit), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
-    # Not on a terminal (CI, pipes) the bar would only add stray blank lines to stderr.
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda index: progress.advance(task)
+
+        def bar(done=None, total=None):
+            if total is not None:
+                progress.update(task, total=total)
+            progress.advance(task) if done is None else progress.update(task, completed=done)
+
+        yield bar
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@contextmanager
+def layer_progress(description: str, total: int, enabled: bool = True):
+    """Progress over decoder layers; yields a callback(index) that counts one layer done."""
+    with progress_bar(description, total, enabled, unit="layers") as step:
+        yield None if step is None else (lambda index: step())
+
+
+def eval_progress(label: str, enabled: bool = True):
+    """Progress over evaluation windows (windows/s, ETA); yields a `progress(done, total)` for api.evaluate."""
+    return progress_bar(f"perplexity ({label})" if label else "perplexity", None, enabled, unit="windows")
 
 
 def _eval(model, tokenizer, data, seqlen, device, max_windows, show, label):
     """Whole-model evaluation on `device`; the model goes back to CPU memory afterwards."""
-    with layer_progress(f"perplexity ({label})", 1, show) as _:
+    with eval_progress(label, show) as progress:
         model.to(device)
         try:
-            return api.evaluate(model, tokenizer, data, seqlen=seqlen, device=device, max_windows=max_windows)
+            return api.evaluate(model, tokenizer, data, seqlen=seqlen, device=device, max_windows=max_windows,
+                                progress=progress)
         finally:
             model.to("cpu")
 
@@ -87,8 +144,8 @@ def compress_checkpoint(
     low_memory: bool = False,
 ) -> dict:
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output directory exists: {out} (pass --overwrite to replace it)")
+    check_model_source(model_name)  # a typo'd path: one line now, not hub retries
+    check_output(out, overwrite=overwrite, expected_bytes=source_weight_bytes(model_name))  # not after the run
     recipe = load_recipe(recipe_name, overrides)
     calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
     if evaluate_ppl:
@@ -169,10 +226,11 @@ def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype,
 
 def evaluate_checkpoint(model_name: str, *, data=None, seqlen=None, device="cpu", dtype="auto", batch_size=4,
                         max_windows=None, trust_remote_code=False, show_progress=True):
+    check_model_source(model_name)
     if data is not None:
         load_texts(data, split_default="test")
     loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     seqlen = default_eval_seqlen(loaded.model, seqlen)
-    with layer_progress("perplexity", 1, show_progress):
+    with eval_progress("", show_progress) as progress:
         return api.evaluate(loaded.model, loaded.tokenizer, data, seqlen=seqlen, batch_size=batch_size,
-                            device=device, max_windows=max_windows)
+                            device=device, max_windows=max_windows, progress=progress)

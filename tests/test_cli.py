@@ -283,12 +283,25 @@ def test_recipes_list_shows_every_builtin():
 def test_recipes_show_is_valid_yaml_that_round_trips(tmp_path):
     text = invoke("recipes", "show", "svd-llm-20")
     recipe = Recipe(**yaml.safe_load(text))
-    assert recipe == load_recipe("svd-llm-20")
-    assert recipe.method == "svd-llm" and recipe.options == {"param_ratio": 0.8}
+    assert recipe.method_options() == load_recipe("svd-llm-20").method_options()
+    assert recipe.model_copy(update={"options": {}}) == load_recipe("svd-llm-20").model_copy(update={"options": {}})
+    # every option default written out (README: "with every default filled in"), unset alternatives left out
+    assert recipe.options["param_ratio"] == 0.8 and "rank" not in recipe.options
+    for key in ("svd_solver", "eig_floor", "whitening", "factor_bits", "beta", "ridge"):
+        assert key in recipe.options, key
     path = tmp_path / "mine.yaml"
     path.write_text(text, encoding="utf-8")
     assert load_recipe(str(path)) == recipe
     assert invoke("recipes", "show", str(path)) == text
+
+
+@pytest.mark.parametrize("name", ["eora-4bit", "eora-gptq-4bit", "rtn-4bit", "lowrank-sparse-50"])
+def test_recipes_show_fills_defaults_that_stay_valid(name):
+    recipe = Recipe(**yaml.safe_load(invoke("recipes", "show", name)))
+    assert recipe.method_options() == load_recipe(name).method_options()
+    assert set(recipe.options) >= set(load_recipe(name).options)
+    if name == "eora-4bit":  # GPTQ-only options are invalid under an RTN base: not written
+        assert {"rank", "eig_floor", "svd_solver", "whitening"} <= set(recipe.options) and "damp" not in recipe.options
 
 
 @pytest.mark.parametrize("command,expected", [
