@@ -102,7 +102,8 @@ class LrcConfig(QuantizationConfigMixin):
 
 
 def install_line() -> str:
-    """The pip command that installs this project (the PyPI name `lrc` belongs to another project)."""
+    """The pip command that installs this project (the PyPI name `lrc` belongs to another project): from the
+    repository named by the package's Source/Repository/Homepage URL in pyproject.toml's [project.urls]."""
     from importlib import metadata
 
     try:
@@ -113,7 +114,7 @@ def install_line() -> str:
         label, _, url = entry.partition(",")
         if label.strip().lower() in ("source", "repository", "homepage") and url.strip():
             return f'pip install "lrc @ git+{url.strip()}"'
-    return 'pip install "lrc @ git+<URL of the lrc repository>"  (or `bash scripts/setup.sh` in a checkout)'
+    return 'pip install "lrc @ git+<URL of the lrc repository>"'  # pyproject.toml has no [project.urls] yet
 
 
 def mark_config(config: dict) -> dict:

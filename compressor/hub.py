@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from compressor.errors import UserError
+from compressor.hf_integration import install_line
 from compressor.io import read_quantization_config
 from compressor.report import data_lines
 
@@ -241,8 +242,14 @@ def build_model_card(report: dict, qc: dict, repo_id: str) -> str:
     lines += data_lines(report)
     lines += [
         "", "## How to load", "",
-        "The compressed linears are lrc modules; importing `compressor` (`pip install lrc`) registers them with "
-        "transformers, then the usual call works (no `trust_remote_code`):", "",
+        "The compressed linears are lrc modules. Install lrc (the PyPI package named `lrc` is a different "
+        "project):", "",
+        "```",
+        install_line(),
+        "```", "",
+        "then import `compressor` before loading: it registers lrc with transformers, and the usual call works "
+        "(no `trust_remote_code`). Without it transformers refuses this checkpoint (its `model_type` says to "
+        "`import compressor`) rather than building a model with random weights.", "",
         "```python",
         "import compressor  # registers the lrc quantization method with transformers",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",

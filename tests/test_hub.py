@@ -196,6 +196,8 @@ def test_upload_sends_every_file_and_a_card(hub, lrc_out):
     t = report["totals"]
     assert f"{t['model_params_before']:,} | {t['model_params_after']:,}" in card
     assert "import compressor" in card and 'AutoModelForCausalLM.from_pretrained("me/tiny-svd")' in card
+    # an install line for this project, not PyPI's unrelated `lrc`; and what happens without lrc
+    assert "pip install lrc" not in card and 'pip install "lrc @ git+' in card and "refuses" in card
     assert "| q_proj | 2 | 2 | rank=" in card  # per-module summary grouped by kind
 
 
