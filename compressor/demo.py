@@ -53,9 +53,12 @@ def run_demo(output: str | None = None, device: str = "cpu", console: Console | 
     shared_seconds = time.perf_counter() - t0
 
     table = Table(title=f"lrc demo — PPL on the bundled test split ({ppl_dense.windows} windows × {seqlen} tokens)")
-    for col in ("recipe", "parameters", "size on disk", "PPL before → after", "wall time"):
+    # param/size ratio: the targeted linears' parameters kept and stored bytes over their dense bytes (report.json)
+    for col in ("recipe", "parameters", "param ratio", "size ratio", "size on disk", "PPL before → after",
+                "wall time"):
         table.add_column(col, justify="left" if col == "recipe" else "right")
-    table.add_row("dense (shipped)", f"{base_params:,}", f"{base_bytes / 1e6:.2f} MB", f"{ppl_dense.ppl:.3f}",
+    table.add_row("dense (shipped)", f"{base_params:,}", "1.000", "1.000", f"{base_bytes / 1e6:.2f} MB",
+                  f"{ppl_dense.ppl:.3f}",
                   f"{shared_seconds:.1f}s (eval + shared statistics)")
     rows = []
     out_root = Path(output) if output else Path(tempfile.mkdtemp(prefix="lrc-demo-"))
@@ -75,10 +78,12 @@ def run_demo(output: str | None = None, device: str = "cpu", console: Console | 
         result.save(target, tokenizer=tok, report=report, report_md=render_markdown(report), overwrite=True)
         size = checkpoint_bytes(target)
         seconds = time.perf_counter() - t0
-        table.add_row(recipe.name, f"{params:,}", f"{size / 1e6:.2f} MB", f"{ppl_dense.ppl:.3f} → {ppl.ppl:.3f}",
-                      f"{seconds:.1f}s")
+        totals = report["totals"]
+        table.add_row(recipe.name, f"{params:,}", f"{totals['param_ratio']:.3f}", f"{totals['size_ratio']:.3f}",
+                      f"{size / 1e6:.2f} MB", f"{ppl_dense.ppl:.3f} → {ppl.ppl:.3f}", f"{seconds:.1f}s")
         rows.append({"recipe": recipe.name, "params": params, "bytes": size, "ppl_before": ppl_dense.ppl,
-                     "ppl_after": ppl.ppl, "seconds": seconds, "path": str(target)})
+                     "ppl_after": ppl.ppl, "seconds": seconds, "path": str(target),
+                     "param_ratio": totals["param_ratio"], "size_ratio": totals["size_ratio"]})
     table.caption = (f"total {time.perf_counter() - t_all:.1f}s; outputs in {out_root}/; calibration "
                      f"{calib_info['nsamples']}×{calib_info['seqlen']} tokens from {calib_info['source']}")
     console.print(table)

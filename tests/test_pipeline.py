@@ -395,10 +395,10 @@ def _record_grams(monkeypatch) -> dict:
     seen: dict[str, torch.Tensor] = {}
     real = api.compress_layer
 
-    def spy(model, targets, groups, stats, method, options, allocated=None):
+    def spy(model, targets, groups, stats, method, options, allocated=None, **kw):
         for owner in groups:
             seen[owner] = stats[owner].gram.clone()
-        return real(model, targets, groups, stats, method, options, allocated)
+        return real(model, targets, groups, stats, method, options, allocated, **kw)
 
     monkeypatch.setattr(api, "compress_layer", spy)
     return seen
