@@ -324,9 +324,8 @@ def compress(
         if _dense_statistics_suffice(recipe):
             statistics = dense_stats
     if resumed is not None:  # after the dense passes above (Fisher, allocation): they need every layer dense
-        if layer_io is None:
-            _restore_finished_layers(model, reports, journal, start)
-        else:
+        _restore_finished_layers(model, reports, journal if layer_io is None else None, start)
+        if layer_io is not None:
             layer_io.resume(start)
     if statistics is not None:
         if not needs <= statistics.needs:
@@ -363,13 +362,14 @@ def _module_report(d: dict) -> ModuleReport:
 
 
 def _restore_finished_layers(model: nn.Module, reports: list[ModuleReport], journal, done: int) -> None:
-    """Swap in the compressed modules of layers 0..done-1 and load their tensors as the interrupted run left them."""
+    """Swap in the compressed modules of layers 0..done-1 and, from `journal`, load their tensors as the interrupted
+    run left them (without it, they stay where the layers are: on the meta device of a --low-memory run)."""
     from compressor.hf_integration import replace_linears
     from safetensors.torch import load_file
 
     path, layers = find_decoder_layers(model)
     replace_linears(model, {m.name: m.spec for m in reports if m.compressed})
-    for index in range(done):
+    for index in range(done if journal is not None else 0):
         prefix = f"{path}.{index}."
         tensors = load_file(journal.layer_file(index))
         layers[index].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)

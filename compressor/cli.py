@@ -25,8 +25,9 @@ class _App(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            hint = getattr(exc, "lrc_hint", None)  # a journaled run says what it kept (compressor/journal.py)
+            click.echo(f"interrupted; {hint}" if hint else "interrupted; nothing was written", err=True)
             sys.exit(130)
 
 
@@ -62,13 +63,16 @@ def _device_options(f):
 @click.option("--eval-seqlen", type=int, default=None, help="evaluation window (default 2048, capped at the model's context)")
 @click.option("--eval-max-windows", type=int, default=None, help="evaluate on the first N windows only")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--resume", is_flag=True,
+              help="finish the run an interruption (crash, kill, Ctrl-C) left beside OUTPUT, from its last finished "
+                   "decoder layer; the result is identical to an uninterrupted run's")
 @click.option("--no-plots", is_flag=True, help="do not draw the report's PNG plots (saves a few seconds)")
 @click.option("--low-memory", is_flag=True,
               help="stream weights from the checkpoint's safetensors one decoder layer at a time and write output "
                    "shards as layers finish: for models larger than RAM")
 @_device_options
 def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl, eval_data,
-             eval_seqlen, eval_max_windows, overwrite, no_plots, low_memory, device, dtype, trust_remote_code):
+             eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype, trust_remote_code):
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
     from compressor.workflow import compress_checkpoint
 
@@ -81,6 +85,7 @@ def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, de
         model, recipe, output, overrides=tuple(overrides) + tuple(extra), calib=calib, evaluate_ppl=evaluate_ppl,
         eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, device=device, dtype=dtype,
         overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots, low_memory=low_memory,
+        resume=resume,
     )
     out.print(_summary_table(report))
     out.print(f"wrote {output}/ (report.md, report.json, recipe.yaml, weights)")

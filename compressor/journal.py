@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,23 @@ from compressor.errors import UserError
 
 JOURNAL_NAME = "journal.json"
 FORMAT = 1
+# Fault injection for the crash tests (tests/test_resume_cli.py): LRC_FAULT=<point> kills this process with SIGKILL
+# when the run reaches that point ("before-layers", "after-layer:N", "final-write"). Unset in normal use.
+FAULT_ENV = "LRC_FAULT"
+
+
+def fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def refuse_leftover(out, resume: bool) -> None:
+    """Before any work: a leftover partial run of `out` with finished layers, and no --resume, is refused."""
+    folder = partial_dir(out)
+    entry = _read_entry(folder) if folder.is_dir() else None
+    if entry is not None and entry["done"] > 0 and not resume:
+        raise UserError(f"an interrupted run of {out} was left in {folder} ({entry['done']} decoder layers "
+                        "done): pass --resume to finish it, or delete that directory to start again")
 
 
 def partial_dir(out: Path) -> Path:
@@ -79,11 +98,11 @@ class Journal:
         """The journal of a run writing `out`: a fresh one, or (with `resume`) the interrupted run's. A leftover
         partial run without `resume` is refused with the hint, as is resuming a different run."""
         folder = partial_dir(out)
+        refuse_leftover(out, resume)
+        for stale in Path(out).parent.glob(f".{Path(out).name}.tmp-*"):  # a final write killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
         if folder.exists():
             entry = _read_entry(folder)
-            if entry is not None and entry["done"] > 0 and not resume:
-                raise UserError(f"an interrupted run of {out} was left in {folder} ({entry['done']} decoder layers "
-                                "done): pass --resume to finish it, or delete that directory to start again")
             if entry is not None and entry["done"] > 0:
                 _check_identity(entry.get("identity", {}), identity, folder)
                 journal = cls(folder, identity)
@@ -93,7 +112,29 @@ class Journal:
         folder.mkdir(parents=True)
         journal = cls(folder, identity)
         journal._write_entry({"format": FORMAT, "identity": identity, "done": 0, "stream": None, "state": {}})
+        fault("before-layers")
         return journal
+
+    @property
+    def done(self) -> int:
+        return (self._entry or {}).get("done", 0)
+
+    @contextmanager
+    def kept_on_failure(self):
+        """Inside the block, a failure (Ctrl-C included) keeps the journal when a layer is finished, and says how to
+        resume; with nothing finished the partial directory is removed."""
+        try:
+            yield self
+        except BaseException as exc:
+            if self.done == 0:
+                self.discard()
+                raise
+            hint = (f"the {self.done} finished decoder layers are kept in {self.folder}: rerun the same command "
+                    "with --resume to finish")
+            if isinstance(exc, UserError):
+                raise UserError(f"{exc} ({hint})") from None
+            exc.lrc_hint = hint  # the CLI prints it (see cli._App)
+            raise
 
     def resumed(self) -> Resumed | None:
         """What the interrupted run had finished, or None when no layer was."""
@@ -125,6 +166,7 @@ class Journal:
                            "batches": len(hidden), "state": state})
         if previous and previous != name:
             (self.folder / previous).unlink(missing_ok=True)
+        fault(f"after-layer:{done}")
 
     def close_out(self) -> None:
         """The output is about to take the folder's place (a --low-memory run) or be written elsewhere: remove

@@ -38,7 +38,8 @@ from torch import nn
 from compressor import api, hf_integration
 from compressor.errors import UserError
 from compressor.io import CONFIG_NAME, _check_destination, _module_table, _write_quantization_config
-from compressor.io import atomic_output_dir, write_extra_files
+from compressor.io import atomic_output_dir, publish, write_extra_files
+from compressor.journal import fault
 from compressor.recipe import load_recipe
 from compressor.report import count_parameters, state_bytes
 from compressor.targets import find_decoder_layers, layers_detached
@@ -111,6 +112,13 @@ class LazyLayers:
             _release_all_but(self.model, layers)
         self.seconds["load"] += time.perf_counter() - t0
         self.read(index, layer)
+
+    def resume(self, done: int) -> None:
+        """Layers 0..done-1 were written by an interrupted run into this output directory: take their shards."""
+        for index in range(done):
+            name = self.shard_name(index)
+            with safe_open(self.out_dir / name, framework="pt") as f:
+                self.weight_map.update(dict.fromkeys(f.keys(), name))
 
     def read(self, index: int, layer: nn.Module) -> None:
         """Materialise layer i for a pass that only reads it (the Fisher pass), leaving everything else alone."""
@@ -204,12 +212,13 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
 
 def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None, batches=None, device="cpu",
                        dtype="auto", overwrite=False, trust_remote_code=False, progress=None, report_fn=None,
-                       skeleton=None, calibration_info=None):
+                       skeleton=None, calibration_info=None, journal=None):
     """Compress `model_name` (local dir or hub id) to `out` holding one decoder layer at a time.
 
     `report_fn(result, model, storage_dtype, (params, bytes) before) -> (report dict, report_md, extra files)`
     adds the report to the output (compressor.workflow builds it); `skeleton`: a `load_skeleton` result already
-    in hand. Returns (CompressionResult, output path)."""
+    in hand. `journal` (compressor/journal.py): its folder is where the output is written (the shards finished
+    before an interruption are kept there), and the run resumes from it. Returns (CompressionResult, output path)."""
     out = Path(out)
     _check_destination(out, overwrite)
     recipe = recipe if not isinstance(recipe, str) else load_recipe(recipe, overrides)
@@ -220,14 +229,24 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
     before = (count_parameters(model), state_bytes(model, storage))
     if batches is None:
         batches, calibration_info = api.calibration_data(tok, recipe, calib)
-    with atomic_output_dir(out, overwrite) as tmp:
+    def write_into(tmp: Path):
         compute = next(model.get_input_embeddings().parameters()).dtype
         lazy = LazyLayers(model, files, path, n_layers, compute, storage, tmp)
         result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
-                              progress=progress, layer_io=lazy)
+                              progress=progress, layer_io=lazy, journal=journal)
         result.timings["load"] = load_seconds + lazy.seconds["load"]
         result.calibration = calibration_info or {}
         _finish(model, result, lazy, tmp, tok, storage, report_fn and (lambda r, m: report_fn(r, m, storage, before)))
+        return result
+
+    if journal is None:
+        with atomic_output_dir(out, overwrite) as tmp:
+            result = write_into(tmp)
+    else:
+        with journal.kept_on_failure():
+            result = write_into(journal.folder)
+            journal.close_out()
+            publish(journal.folder, out, overwrite)
     return result, out
 
 
@@ -238,6 +257,7 @@ def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, repo
     names = [k for k in model.state_dict() if not k.startswith(lazy.path + ".") and k not in tied]
     rest = {k: v.to(storage) if v.is_floating_point() else v for k, v in lazy.files.read(names).items()}
     lazy.write(lazy.n, rest)
+    fault("final-write")
     total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(lazy.weight_map.items()))}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

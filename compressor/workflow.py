@@ -23,6 +23,7 @@ from rich.text import Text
 from compressor import api
 from compressor.data import load_texts
 from compressor.errors import UserError
+from compressor.journal import Journal, fault, refuse_leftover, run_identity
 from compressor.preflight import check_model_source, check_output, source_weight_bytes
 from compressor.recipe import load_recipe
 from compressor.report import build_report, count_parameters, render_markdown, state_bytes
@@ -142,10 +143,14 @@ def compress_checkpoint(
     show_progress: bool = True,
     with_plots: bool = True,
     low_memory: bool = False,
+    resume: bool = False,
 ) -> dict:
+    """`resume`: finish the run an interruption left in `.OUT.partial/` (compressor/journal.py); without it such a
+    leftover is refused before any work."""
     out = Path(out)
     check_model_source(model_name)  # a typo'd path: one line now, not hub retries
     check_output(out, overwrite=overwrite, expected_bytes=source_weight_bytes(model_name))  # not after the run
+    refuse_leftover(out, resume)
     recipe = load_recipe(recipe_name, overrides)
     calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
     if evaluate_ppl:
@@ -156,7 +161,7 @@ def compress_checkpoint(
     if low_memory:
         return _compress_low_memory(model_name, recipe, out, calib_texts, device=device, dtype=dtype,
                                     overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                    show_progress=show_progress, with_plots=with_plots)
+                                    show_progress=show_progress, with_plots=with_plots, resume=resume)
     timings = {}
     t0 = time.perf_counter()
     loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
@@ -174,39 +179,55 @@ def compress_checkpoint(
     t0 = time.perf_counter()
     batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
     timings["calibration_data"] = time.perf_counter() - t0
-    n_layers = len(find_decoder_layers(model)[1])
-    with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
-        result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=loaded.storage_dtype,
-                              progress=advance)
-    result.calibration = calib_info
-    timings.update(result.timings)
-    ppl_after = None
-    if evaluate_ppl:
-        t0 = time.perf_counter()
-        ppl_after = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "after")
-        timings["eval_after"] = time.perf_counter() - t0
-    report = build_report(
-        result, model_source=model_name, params_before=params_before, params_after=count_parameters(model),
-        bytes_before=bytes_before, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_before,
-        ppl_after=ppl_after, timings=timings, device=device,
-    )
-    plots = report_plots(report) if with_plots else {}
-    result.save(out, tokenizer=tok, report=report, report_md=lambda r: render_markdown(r, plots=list(plots)),
-                overwrite=overwrite, extra_files=plots)
+    identity = run_identity(recipe, model_name, batches, device=device, dtype=dtype, low_memory=False)
+    journal = Journal.open(out, identity, resume=resume)
+    with journal.kept_on_failure():
+        n_layers = len(find_decoder_layers(model)[1])
+        with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
+            result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=loaded.storage_dtype,
+                                  progress=advance, journal=journal)
+        result.calibration = calib_info
+        timings.update(result.timings)
+        ppl_after = None
+        if evaluate_ppl:
+            t0 = time.perf_counter()
+            ppl_after = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "after")
+            timings["eval_after"] = time.perf_counter() - t0
+        report = _with_resume(build_report(
+            result, model_source=model_name, params_before=params_before, params_after=count_parameters(model),
+            bytes_before=bytes_before, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_before,
+            ppl_after=ppl_after, timings=timings, device=device,
+        ), result)
+        plots = report_plots(report) if with_plots else {}
+        markdown = lambda r: _final_write(render_markdown(r, plots=list(plots)))  # noqa: E731
+        result.save(out, tokenizer=tok, report=report, report_md=markdown, overwrite=overwrite, extra_files=plots)
+    journal.discard()
     return report
 
 
+def _with_resume(report: dict, result) -> dict:
+    if result.resumed_from:
+        report["resumed_from_layer"] = result.resumed_from  # the layers before it come from the interrupted run
+    return report
+
+
+def _final_write(text):
+    """Called while the output is written (weights on disk, not yet renamed into place): a fault point."""
+    fault("final-write")
+    return text
+
+
 def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype, overwrite, trust_remote_code,
-                         show_progress, with_plots) -> dict:
+                         show_progress, with_plots, resume=False) -> dict:
     """compress_checkpoint with weights streamed from disk one decoder layer at a time (compressor/streaming.py)."""
     from compressor.streaming import compress_streaming, load_skeleton
 
     def report_fn(result, model, storage, before):
         result.timings["calibration_data"] = calibration_seconds
-        report = build_report(
+        report = _with_resume(build_report(
             result, model_source=model_name, params_before=before[0], params_after=count_parameters(model),
             bytes_before=before[1], bytes_after=state_bytes(model, storage), timings=result.timings, device=device,
-        )
+        ), result)
         report["low_memory"] = True
         plots = report_plots(report) if with_plots else {}
         return report, render_markdown(report, plots=list(plots)), plots
@@ -216,11 +237,13 @@ def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype,
     t0 = time.perf_counter()
     batches, calib_info = api.calibration_data(skeleton.tokenizer, recipe, loaded_texts=calib_texts)
     calibration_seconds = time.perf_counter() - t0
+    identity = run_identity(recipe, model_name, batches, device=device, dtype=dtype, low_memory=True)
+    journal = Journal.open(out, identity, resume=resume)
     with layer_progress(f"{recipe.name}: layers", skeleton.n_layers, show_progress) as advance:
         result, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
                                           overwrite=overwrite, trust_remote_code=trust_remote_code,
                                           progress=advance, report_fn=report_fn, calibration_info=calib_info,
-                                          skeleton=skeleton)
+                                          skeleton=skeleton, journal=journal)
     return json.loads((path / "report.json").read_text(encoding="utf-8"))
 
 
