@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench_quality.py --update-readme       # also write README.md's results block
     .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40 --rows lowrank \
         --json bench-results/quality-smollm2.json                  # issue 12: lowrank vs svd-llm, each option alone
+    .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct-bf16 --max-windows 40 --rows bytes \
+        --json bench-results/quality-bytes.json                    # issue 14: 8-bit vs 16-bit factors, equal bytes
 
 Every row compresses a fresh copy of the dense model with a built-in recipe (plus overrides) and scores it on
 the bundled test split with the papers' protocol. Budgets are "% of targeted parameters removed". All rows use
@@ -71,7 +73,15 @@ LOWRANK_ROWS = (
     + [(f"svd-llm+{name} 40%", "svd-llm-40", overrides) for name, overrides in OPTIONS]
     + [("lowrank 40%", "lowrank-40", [])]
 )
-SUITES = {"all": ROWS, "lowrank": LOWRANK_ROWS}
+# Issue 14's table: at equal stored bytes (size_ratio 0.8 and 0.6 of the targets' dense bytes), svd-llm with
+# factors in the checkpoint's dtype against 8-bit factors at about twice the rank. "N%" here is bytes removed.
+BYTES_ROWS = [
+    row
+    for cut in (20, 40)
+    for row in ((f"svd-llm {cut}%", "svd-llm-20", [f"size_ratio={1 - cut / 100:g}"]),
+                (f"svd-llm+int8 {cut}%", f"svd-llm-int8-{cut}", []))
+]
+SUITES = {"all": ROWS, "lowrank": LOWRANK_ROWS, "bytes": BYTES_ROWS}
 
 
 def relative_to_svd_llm(rows: list[dict]) -> None:
@@ -93,7 +103,8 @@ def main():
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--only", nargs="*", help="labels (substrings) of the rows to run")
     parser.add_argument("--rows", choices=sorted(SUITES), default="all",
-                        help="all: every method at 20%% and 40%%; lowrank: svd-llm vs lowrank-20/40 and each option")
+                        help="all: every method at 20%% and 40%%; lowrank: svd-llm vs lowrank-20/40 and each option; "
+                             "bytes: svd-llm with 16- vs 8-bit factors at equal stored bytes")
     parser.add_argument("--json", type=Path, default=Path("bench-results/quality.json"))
     parser.add_argument("--update-readme", action="store_true",
                         help="write README.md's results block from this run (scripts/update_readme.py)")
@@ -117,8 +128,9 @@ def main():
                               storage_dtype=loaded.storage_dtype)
         ppl = evaluate(model).ppl
         kept = sum(m.params_after for m in result.modules) / sum(m.params_before for m in result.modules)
+        size = sum(m.bytes_after for m in result.modules) / sum(m.bytes_before for m in result.modules)
         rows.append({"label": label, "recipe": recipe, "overrides": overrides, "ppl": ppl, "kept": kept,
-                     "seconds": time.perf_counter() - start})
+                     "size": size, "seconds": time.perf_counter() - start})
         console.print(f"{label}: PPL {ppl:.3f}, {rows[-1]['seconds']:.1f} s")
         del model
     relative_to_svd_llm(rows)
@@ -142,13 +154,14 @@ def results_table(data: dict) -> Table:
     rows, dense_ppl = data["rows"], data["rows"][0]["ppl"]
     table = Table(title="perplexity by method and budget", caption=setup_line(data))
     for col in ("method / budget", "target params kept", "PPL", "Δ vs dense", "PPL / svd-llm", "seconds",
-                "time / svd-llm"):
+                "time / svd-llm", "target bytes kept"):
         table.add_column(col, justify="left" if col.startswith("method") else "right")
     for row in rows:
         seconds = f"{row['seconds']:.1f}" if "seconds" in row else ""
         ratio = lambda key: f"{row[key]:.3f}" if key in row else ""  # noqa: E731
+        size = f"{row['size']:.1%}" if "size" in row else ("100%" if row["label"] == "dense" else "")
         table.add_row(row["label"], *result_cells(row, dense_ppl), ratio("ppl_vs_svd_llm"), seconds,
-                      ratio("time_vs_svd_llm"))
+                      ratio("time_vs_svd_llm"), size)
     return table
 
 
