@@ -63,7 +63,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True, unit
             n, of, elapsed = state["done"], state["total"], time.perf_counter() - start
             eta = f", eta {_duration(elapsed / n * (of - n))}" if of and 0 < n < of else ""
             rate = f"{n / elapsed:.2f} {unit}/s" if elapsed > 0 else ""
-            print(f"{description}: {n}/{of or '?'} {unit}, {_duration(elapsed)} elapsed, {rate}{eta}", file=sys.stderr,
+            print(f"{description} {n}/{of or '?'}, {_duration(elapsed)} elapsed, {rate}{eta}", file=sys.stderr,
                   flush=True)
 
         yield line
@@ -88,14 +88,15 @@ def _duration(seconds: float) -> str:
 
 @contextmanager
 def layer_progress(description: str, total: int, enabled: bool = True):
-    """Progress over decoder layers; yields a callback(index) that counts one layer done."""
+    """Progress over decoder layers; yields a callback(index) saying layer `index` is done."""
     with progress_bar(description, total, enabled, unit="layers") as step:
-        yield None if step is None else (lambda index: step())
+        yield None if step is None else (lambda index: step(index + 1))
 
 
 def eval_progress(label: str, enabled: bool = True):
     """Progress over evaluation windows (windows/s, ETA); yields a `progress(done, total)` for api.evaluate."""
-    return progress_bar(f"perplexity ({label})" if label else "perplexity", None, enabled, unit="windows")
+    return progress_bar(f"perplexity ({label}): windows" if label else "perplexity: windows", None, enabled,
+                        unit="windows")
 
 
 def _eval(model, tokenizer, data, seqlen, device, max_windows, show, label):

@@ -113,10 +113,24 @@ def test_compress_writes_a_complete_checkpoint(compressed):
     assert leftovers(out) == []
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "lrc" and qc["method"] == "svd-llm" and qc["recipe"] == "svd-llm-20"
+    # plain transformers refuses it (tests/test_loading_without_lrc.py) instead of loading random weights
+    assert json.loads((out / "config.json").read_text())["model_type"].startswith("lrc (")
+    assert qc["base_model_type"] == "llama"
     assert len(qc["modules"]) == 14  # 7 linears x 2 layers
     recipe = Recipe(**yaml.safe_load((out / "recipe.yaml").read_text()))
     assert recipe.name == "svd-llm-20" and recipe.calibration.nsamples == 8 and recipe.calibration.seqlen == 64
     assert "svd-llm-20" in (out / "report.md").read_text()
+
+
+def test_progress_off_a_terminal_is_a_line_per_layer_and_eval_chunk(compressed):
+    """Piped (not a TTY), rich would print nothing until the end: plain lines with elapsed time instead."""
+    _, proc = compressed
+    lines = proc.stderr.splitlines()
+    starts = [line.split(",")[0] for line in lines]
+    assert starts == [*(f"perplexity (before): windows {n}/10" for n in (4, 8, 10)),
+                      "svd-llm-20: layers 1/2", "svd-llm-20: layers 2/2",
+                      *(f"perplexity (after): windows {n}/10" for n in (4, 8, 10))], proc.stderr
+    assert all(" elapsed, " in line for line in lines)
 
 
 def test_report_json(compressed):
