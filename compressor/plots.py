@@ -17,7 +17,7 @@ from pathlib import Path
 PLOTS = {
     "rank.png": "Rank per module",
     "error.png": "Relative weight and output error per module",
-    "params.png": "Parameters per decoder layer, before and after",
+    "params.png": "Parameters and bytes per decoder layer, before and after",
     "perplexity.png": "Perplexity before and after",
 }
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -90,9 +90,16 @@ def _rank(m):
     return spec.get("rank") if m.get("compressed") and spec.get("rank") else None
 
 
+def rank_title(modules) -> str:
+    ranks = {_rank(m) for m in modules} - {None}
+    if len(ranks) == 1:  # a fixed-rank recipe: the flat line is the message, say it (params.png shows the cost)
+        return f"Rank per module: {ranks.pop()} for every compressed module (fixed by the recipe)"
+    return "Rank per module (compressed modules)"
+
+
 def plot_rank(report: dict, path: Path) -> bool:
     fig = _figure(9, 4.2)
-    if not _line_plot(fig.add_subplot(), report["modules"], _rank, "rank", "Rank per module (compressed modules)"):
+    if not _line_plot(fig.add_subplot(), report["modules"], _rank, "rank", rank_title(report["modules"])):
         return False
     fig.savefig(path)
     return True
@@ -115,35 +122,70 @@ def plot_errors(report: dict, path: Path) -> bool:
     return True
 
 
-def plot_params(report: dict, path: Path) -> bool:
+def _per_layer(modules, before: str, after: str) -> dict[str, list[int]]:
+    """{decoder layer (or module name outside the layers): [sum of `before`, sum of `after`]} over the modules."""
     layers: dict[str, list[int]] = {}
-    for m in report["modules"]:
+    for m in modules:
+        if m.get(before) is None or m.get(after) is None:
+            continue
         layer = layer_of(m["name"])
         key = str(layer) if layer is not None else m["name"].rsplit(".", 1)[-1]
-        before_after = layers.setdefault(key, [0, 0])
-        before_after[0] += m["params_before"]
-        before_after[1] += m["params_after"]
-    if not layers:
-        return False
+        sums = layers.setdefault(key, [0, 0])
+        sums[0] += m[before]
+        sums[1] += m[after]
+    return layers
+
+
+def _before_after_bars(ax, layers: dict[str, list[int]], scale: float, ylabel: str, title: str) -> None:
     keys = sorted(layers, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
-    fig = _figure(max(6, min(16, 0.35 * len(keys) + 3)), 4.2)
-    ax = fig.add_subplot()
     xs = range(len(keys))
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [layers[k][0] / 1e6 for k in keys], width, label="before")
-    ax.bar([x + width / 2 for x in xs], [layers[k][1] / 1e6 for k in keys], width, label="after")
+    ax.bar([x - width / 2 for x in xs], [layers[k][0] / scale for k in keys], width, label="before")
+    ax.bar([x + width / 2 for x in xs], [layers[k][1] / scale for k in keys], width, label="after")
     step = max(1, len(keys) // 32)  # at most ~32 tick labels, whatever the depth
     ax.set_xticks(list(xs)[::step], keys[::step], rotation=0 if len(keys) <= 32 else 90)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("parameters in targets (millions)")
-    t = report["totals"]
-    ax.set_title(f"Target parameters per layer: {t['target_params_before']:,} → {t['target_params_after']:,} "
-                 f"({t['target_params_after'] / max(t['target_params_before'], 1):.3f})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_ylim(0, max(v[0] for v in layers.values()) / 1e6 * 1.18)  # headroom for the legend above the bars
-    ax.legend(ncols=2, loc="upper right")
+    # The taller of before and after sets the scale: "after" grows past "before" when a method adds parameters
+    # (EoRA's residual on top of a quantized base), and must not be cut off.
+    ax.set_ylim(0, max(max(v) for v in layers.values()) / scale * 1.05)
+    # Outside the axes, right: never on top of a bar.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _ratio(after, before) -> str:
+    return f"{after / before:.3f}" if before else "—"
+
+
+def plot_params(report: dict, path: Path) -> bool:
+    fig = params_figure(report)
+    if fig is None:
+        return False
     fig.savefig(path)
     return True
+
+
+def params_figure(report: dict):
+    """Parameters and bytes of the targets per decoder layer, before and after (None without modules). Both: a
+    4-bit base plus a rank-64 residual has more parameters than the dense layer and a third of its bytes."""
+    params = _per_layer(report["modules"], "params_before", "params_after")
+    nbytes = _per_layer(report["modules"], "bytes_before", "bytes_after")
+    if not params:
+        return None
+    fig = _figure(max(6, min(16, 0.35 * len(params) + 3)), 7 if nbytes else 4.2)
+    axes = fig.subplots(2, 1, sharex=True) if nbytes else [fig.add_subplot()]
+    t = report["totals"]
+    _before_after_bars(axes[0], params, 1e6, "parameters (millions)",
+                       f"Target parameters per layer: {t['target_params_before']:,} → {t['target_params_after']:,} "
+                       f"({_ratio(t['target_params_after'], t['target_params_before'])})")
+    if nbytes:
+        b0 = t.get("target_bytes_before", sum(v[0] for v in nbytes.values()))
+        b1 = t.get("target_bytes_after", sum(v[1] for v in nbytes.values()))
+        _before_after_bars(axes[1], nbytes, 2**20, "bytes (MiB)",
+                           f"Target bytes per layer: {b0:,} → {b1:,} ({_ratio(b1, b0)})")
+    axes[-1].set_xlabel("decoder layer")
+    return fig
 
 
 def plot_perplexity(report: dict, path: Path) -> bool:

@@ -83,7 +83,7 @@ def test_lrc_report_rerenders_with_images(tmp_path, lrc_out):
     links = [line for line in md.splitlines() if line.startswith("![")]
     assert links == ["![Rank per module](plots/rank.png)",
                      "![Relative weight and output error per module](plots/error.png)",
-                     "![Parameters per decoder layer, before and after](plots/params.png)",
+                     "![Parameters and bytes per decoder layer, before and after](plots/params.png)",
                      "![Perplexity before and after](plots/perplexity.png)"]
     assert "4 plots" in result.stdout
     for name in ("rank", "error", "params", "perplexity"):
@@ -93,6 +93,35 @@ def test_lrc_report_rerenders_with_images(tmp_path, lrc_out):
     assert [line for line in md.splitlines() if not line.startswith("![") and line] == \
         [line for line in before.splitlines() if line]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def _module(layer: int, kind: str, params: tuple[int, int], nbytes: tuple[int, int], rank: int) -> dict:
+    return {"name": f"model.layers.{layer}.{kind}", "compressed": True, "spec": {"kind": "quant", "rank": rank},
+            "params_before": params[0], "params_after": params[1], "bytes_before": nbytes[0], "bytes_after": nbytes[1]}
+
+
+def test_params_plot_shows_growth_and_bytes_with_the_legend_off_the_bars(tmp_path):
+    """EoRA: a 4-bit base plus a residual has MORE parameters than the dense layer and far fewer bytes."""
+    from compressor.plots import params_figure, plot_rank, rank_title
+
+    modules = [_module(i, k, (1_000_000, 1_300_000), (2_000_000, 700_000), 64) for i in range(3)
+               for k in ("self_attn.q_proj", "mlp.up_proj")]
+    totals = {"target_params_before": 6_000_000, "target_params_after": 7_800_000,
+              "target_bytes_before": 12_000_000, "target_bytes_after": 4_200_000}
+    report = {"modules": modules, "totals": totals}
+    fig = params_figure(report)
+    params_ax, bytes_ax = fig.axes
+    assert params_ax.get_ylim()[1] >= 2.6  # the taller "after" bars (2.6 M per layer) are inside the axes
+    assert bytes_ax.get_ylim()[1] >= 4_000_000 / 2**20 and "bytes" in bytes_ax.get_ylabel()
+    assert "7,800,000" in params_ax.get_title() and "4,200,000" in bytes_ax.get_title()
+    for ax in fig.axes:  # legends anchored right of the axes, never over a bar
+        fig.canvas.draw()
+        legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.x0 >= box.x1, (legend, box)
+    assert plot_rank(report, tmp_path / "rank.png")
+    assert "64 for every compressed module" in rank_title(modules)  # a fixed rank's flat line says so
+    modules[0]["spec"]["rank"] = 32
+    assert rank_title(modules) == "Rank per module (compressed modules)"
 
 
 def test_lrc_report_errors(tmp_path):
