@@ -85,9 +85,13 @@ def test_asvd_sits_between_plain_and_whitened_svd(ppl):
     assert ppl("svd-20") > ppl("asvd-20") > ppl("svd-llm-20") + 0.1
 
 
-def test_lowrank_plus_sparse_beats_svd_llm_at_the_same_budget(ppl):
-    # measured: lowrank-sparse-50 36.334 vs svd-llm at param_ratio 0.5 36.484 (both keep 50% of the targets)
-    assert ppl("lowrank-sparse-50") < ppl("svd-llm-20+param_ratio=0.5") - 0.05
+def test_lowrank_plus_sparse_against_svd_llm_at_equal_values_and_at_equal_bytes(ppl):
+    # measured: keeping 50% of the targets' values (param_ratio 0.5), lowrank-sparse 36.334 beats svd-llm 36.484 —
+    # but it stores 0.56× the dense bytes (values + a bitmask of its positions) against svd-llm's 0.50×. At equal
+    # bytes (lowrank-sparse-50: size_ratio 0.5, positions included) it scores 36.616: worse than svd-llm.
+    svd_llm = ppl("svd-llm-20+param_ratio=0.5")
+    assert ppl("lowrank-sparse-50+param_ratio=0.5") < svd_llm - 0.05
+    assert ppl("lowrank-sparse-50") > svd_llm
 
 
 def test_eora_over_gptq_beats_eora_over_rtn_at_the_same_rank(demo, ppl):

@@ -1,0 +1,126 @@
+"""Size–quality plot: perplexity against stored bytes (size_ratio of the targeted linears) for several encodings.
+
+    .venv/bin/python scripts/bench_pareto.py --model .cache/smollm2-135m-instruct-bf16 --max-windows 40
+    .venv/bin/python scripts/bench_pareto.py --from-json bench-results/quality-bytes.json   # plot earlier rows
+
+Every point compresses a fresh copy of the dense model with a built-in recipe (plus overrides), scores it on the
+bundled test split and records `size` (bytes after / before of the targets, from the tensors the checkpoint would
+hold — the report's `size_ratio`) and `kept` (parameters after / before). Families share a line and a marker;
+the x-axis is bytes, so methods are compared at equal size, not equal parameter count. Writes
+bench-results/pareto.json and bench-results/pareto.png. `--from-json` re-plots rows from this script or from
+`bench_quality.py` (rows with a `size`), labelled "<family> <budget>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+# (family, recipe, overrides): svd-llm with 16-bit vs 8-bit factors over a range of sizes, and the other encodings.
+POINTS = (
+    [("svd-llm", "svd-llm-20", [f"size_ratio={q}"]) for q in (0.8, 0.6, 0.4)]
+    + [("svd-llm+int8", "svd-llm-int8-20", [f"size_ratio={q}"]) for q in (0.8, 0.6, 0.4, 0.25)]
+    + [("lowrank-sparse", "lowrank-sparse-50", [f"size_ratio={q}"]) for q in (0.5,)]
+    + [("rtn", "rtn-4bit", [f"bits={b}"]) for b in (8, 4)]
+)
+
+
+def measure(model, tokenizer, recipe, overrides, calib, evaluate, storage_dtype) -> dict:
+    from compressor import api
+    from compressor.recipe import load_recipe
+
+    start = time.perf_counter()
+    model = copy.deepcopy(model)
+    result = api.compress(model, load_recipe(recipe, calib + overrides), tokenizer=tokenizer,
+                          storage_dtype=storage_dtype)
+    ppl = evaluate(model).ppl
+    before = sum(m.bytes_before for m in result.modules)
+    return {"recipe": recipe, "overrides": overrides, "ppl": ppl,
+            "kept": sum(m.params_after for m in result.modules) / sum(m.params_before for m in result.modules),
+            "size": sum(m.bytes_after for m in result.modules) / before,
+            "seconds": time.perf_counter() - start}
+
+
+def plot(data: dict, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    families: dict[str, list[dict]] = {}
+    for row in data["rows"]:
+        if "size" in row:
+            families.setdefault(row.get("family") or row["label"].rsplit(" ", 1)[0], []).append(row)
+    markers = "osD^vP*X"
+    for i, (family, rows) in enumerate(sorted(families.items())):
+        rows = sorted(rows, key=lambda r: r["size"])
+        ax.plot([r["size"] for r in rows], [r["ppl"] for r in rows], marker=markers[i % len(markers)], label=family)
+    dense = next((r["ppl"] for r in data["rows"] if r["label"] == "dense"), None)
+    if dense is not None:
+        ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("stored bytes of the targeted linears / dense (size_ratio)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_yscale("log")
+    ax.set_title(f"{Path(data['model']).name}: perplexity vs size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-seqlen", type=int, default=256)
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--only", nargs="*", help="families (substrings) of the points to run")
+    parser.add_argument("--from-json", type=Path, help="plot these rows instead of measuring")
+    parser.add_argument("--json", type=Path, default=Path("bench-results/pareto.json"))
+    parser.add_argument("--png", type=Path, default=Path("bench-results/pareto.png"))
+    args = parser.parse_args()
+
+    if args.from_json:
+        print(plot(json.loads(args.from_json.read_text()), args.png))
+        return
+    from compressor import api
+    from compressor.resources import demo_model_dir
+
+    model = args.model or str(demo_model_dir())
+    loaded = api.load_model(model)
+    calib = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}"]
+    evaluate = lambda m: api.evaluate(m, loaded.tokenizer, seqlen=args.eval_seqlen,  # noqa: E731
+                                      max_windows=args.max_windows)
+    dense = evaluate(loaded.model)
+    rows = [{"label": "dense", "ppl": dense.ppl, "size": 1.0, "kept": 1.0, "family": "dense"}]
+    for family, recipe, overrides in POINTS:
+        if args.only and not any(o in family for o in args.only):
+            continue
+        row = measure(loaded.model, loaded.tokenizer, recipe, overrides, calib, evaluate, loaded.storage_dtype)
+        row.update(family=family, label=f"{family} {row['size']:.2f}")
+        rows.append(row)
+        print(f"{row['label']}: size {row['size']:.3f}, params {row['kept']:.3f}, PPL {row['ppl']:.3f}, "
+              f"{row['seconds']:.1f} s", flush=True)
+    data = {"model": model, "date": str(date.today()),
+            "eval": {"data": dense.data, "windows": dense.windows, "seqlen": dense.seqlen},
+            "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "source": "bundled train split"},
+            "platform": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__},
+            "rows": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=1))
+    print(plot(data, args.png))
+
+
+if __name__ == "__main__":
+    main()
