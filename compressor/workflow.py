@@ -41,7 +41,12 @@ class _Rate(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
+        return Text(_rate(speed, self.unit) if speed else f"? {self.unit}/s", style="progress.data.speed")
+
+
+def _rate(per_second: float, unit: str) -> str:
+    """"2.31 windows/s", or "14.2 s/layer" when steps are slow."""
+    return f"{per_second:.2f} {unit}/s" if per_second >= 1 else f"{1 / per_second:.1f} s/{unit.rstrip('s')}"
 
 
 @contextmanager
@@ -62,7 +67,7 @@ def progress_bar(description: str, total: int | None, enabled: bool = True, unit
             state["total"] = total or state["total"]
             n, of, elapsed = state["done"], state["total"], time.perf_counter() - start
             eta = f", eta {_duration(elapsed / n * (of - n))}" if of and 0 < n < of else ""
-            rate = f"{n / elapsed:.2f} {unit}/s" if elapsed > 0 else ""
+            rate = _rate(n / elapsed, unit) if elapsed > 0 and n > 0 else ""
             print(f"{description} {n}/{of or '?'}, {_duration(elapsed)} elapsed, {rate}{eta}", file=sys.stderr,
                   flush=True)
 

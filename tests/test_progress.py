@@ -38,7 +38,7 @@ def test_off_a_terminal_one_line_per_chunk_and_layer(monkeypatch, capsys):
         "perplexity (after): windows 4/10", "perplexity (after): windows 8/10", "perplexity (after): windows 10/10",
         "svd-20: layers 1/3", "svd-20: layers 2/3", "svd-20: layers 3/3"]
     for line in lines:
-        assert re.search(r", \d+s elapsed, [\d.]+ (windows|layers)/s", line), line
+        assert re.search(r", \d+s elapsed, ([\d.]+ (windows|layers)/s|[\d.]+ s/(window|layer))", line), line
     assert "eta" in lines[0] and "eta" not in lines[2]  # an estimate while there is something left
 
 
@@ -50,6 +50,11 @@ def test_on_a_terminal_a_bar_with_windows_per_second_and_eta(monkeypatch, capsys
     text = screen.getvalue()
     assert "perplexity (before)" in text and "windows/s" in text and "eta" in text, text
     assert capsys.readouterr().err == ""  # no plain lines on a terminal
+
+
+def test_slow_steps_read_as_seconds_per_step():
+    assert workflow._rate(2.5, "windows") == "2.50 windows/s"
+    assert workflow._rate(0.05, "layers") == "20.0 s/layer"
 
 
 def test_disabled_is_silent(monkeypatch, capsys):
