@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from compressor import registry
@@ -83,11 +84,36 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, SafetensorError):
+            reason = f"{_unreadable_weights(path) or 'a weight file'} is corrupt or truncated ({reason})"
         raise UserError(f"cannot load model '{name_or_path}': {reason}") from None
     model.eval()
+    check_finite(model.named_parameters(), name_or_path)
     return LoadedModel(model, tokenizer, name_or_path, storage)
+
+
+def check_finite(named_tensors, source: str) -> None:
+    """Refuse weights holding NaN or Inf before any work: every method would spread them, silently or not."""
+    for name, t in named_tensors:
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            what = " and ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "Inf")) if count)
+            raise UserError(f"weight {name} of '{source}' holds {what} values; lrc needs finite weights")
+
+
+def _unreadable_weights(folder: Path) -> str | None:
+    """The name of the first .safetensors file of `folder` whose header safetensors cannot read."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError):
+            return file.name
+    return None
 
 
 @dataclass
@@ -241,6 +267,7 @@ def compress(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     layer_targets = select_targets(model, recipe.targets, recipe.ignore)
+    _check_fixed_rank(getattr(options, "rank", None), layer_targets)
     expected = sum(len(t) for t in layer_targets)
     reports: list[ModuleReport] = []
     calibration: dict = {}
@@ -353,6 +380,18 @@ def compress(
         _round_through(model, storage_dtype)
     timings["compress_total"] = time.perf_counter() - started
     return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype, refinements, start)
+
+
+def _check_fixed_rank(rank: int | None, layer_targets) -> None:
+    """A fixed rank above min(m, n) of a target is a mistake in the recipe, not something to round silently."""
+    if rank is None:
+        return
+    for targets in layer_targets:
+        for name, module in targets.items():
+            m, n = module.weight.shape
+            if rank > min(m, n):
+                raise UserError(f"rank {rank} exceeds min(m, n) = {min(m, n)} of {name} ({m}×{n}); use a smaller "
+                                "rank, or param_ratio / size_ratio")
 
 
 def _module_report(d: dict) -> ModuleReport:

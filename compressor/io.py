@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from torch import nn
 
 from compressor import hf_integration
-from compressor.errors import UserError
+from compressor.errors import UserError, out_of_space
 from compressor.modules import COMPRESSED_MODULES
 
 CONFIG_NAME = "config.json"
@@ -188,8 +188,11 @@ def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         yield tmp
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = out_of_space(exc, out_dir)
+        if full is not None:
+            raise full from None
         raise
 
 

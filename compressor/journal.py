@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compressor.errors import UserError
+from compressor.errors import UserError, out_of_space
 
 JOURNAL_NAME = "journal.json"
 FORMAT = 1
@@ -126,13 +126,16 @@ class Journal:
         try:
             yield self
         except BaseException as exc:
+            full = out_of_space(exc, self.folder)
             if self.done == 0:
                 self.discard()
+                if full is not None:
+                    raise full from None
                 raise
             hint = (f"the {self.done} finished decoder layers are kept in {self.folder}: rerun the same command "
                     "with --resume to finish")
-            if isinstance(exc, UserError):
-                raise UserError(f"{exc} ({hint})") from None
+            if isinstance(exc, UserError) or full is not None:
+                raise UserError(f"{full or exc} ({hint})") from None
             exc.lrc_hint = hint  # the CLI prints it (see cli._App)
             raise
 
@@ -180,14 +183,20 @@ class Journal:
 
     def _write_entry(self, entry: dict) -> None:
         tmp = self.folder / (JOURNAL_NAME + ".tmp")
-        tmp.write_text(json.dumps(entry, indent=1), encoding="utf-8")
+        try:
+            tmp.write_text(json.dumps(entry, indent=1), encoding="utf-8")
+        except OSError as exc:
+            raise out_of_space(exc, self.folder) or exc from None
         os.replace(tmp, self.folder / JOURNAL_NAME)
         self._entry = entry
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except Exception as exc:  # noqa: BLE001 (safetensors' own error type carries the OS error)
+        raise out_of_space(exc, path.parent) or exc from None
     os.replace(tmp, path)
 
 

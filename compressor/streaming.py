@@ -27,11 +27,12 @@ import ctypes
 import gc
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -57,7 +58,7 @@ class CheckpointFiles:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             self.files = {name: folder / file for name, file in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", framework="pt") as f:
+            with _readable(folder / "model.safetensors") as f:
                 self.files = {name: folder / "model.safetensors" for name in f.keys()}
         else:
             raise UserError(f"--low-memory needs safetensors weights; none found in {folder}")
@@ -72,9 +73,19 @@ class CheckpointFiles:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, members in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with _readable(file) as f:
                 out.update({name: f.get_tensor(name) for name in members})
         return out
+
+
+@contextmanager
+def _readable(file: Path):
+    """safe_open(file), a corrupt or truncated file being the user's one-line error."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise UserError(f"cannot read {file.name} in {file.parent}: corrupt or truncated ({exc})") from None
 
 
 def _materialize(module: nn.Module, prefix: str, files: CheckpointFiles, dtype: torch.dtype, skip=()) -> None:
@@ -84,6 +95,7 @@ def _materialize(module: nn.Module, prefix: str, files: CheckpointFiles, dtype: 
 
     wanted = [name for name, t in module.state_dict(keep_vars=True).items() if t.is_meta and name not in skip]
     tensors = files.read([prefix + name for name in wanted])
+    api.check_finite(tensors.items(), str(files.folder))
     for name in wanted:
         value = tensors[prefix + name]
         set_module_tensor_to_device(module, name, "cpu", value=value, dtype=dtype if value.is_floating_point() else None)

@@ -72,6 +72,10 @@ def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> l
             if hits and not any(_matches(p, full, local) for p in ignore):
                 chosen[full] = module
         selected.append(chosen)
+    if not any(isinstance(m, nn.Linear) for layer in layers for m in layer.modules()):
+        kinds = sorted({type(m).__name__ for layer in layers for m in layer.modules() if m._parameters})
+        raise UserError(f"the decoder layers of this model contain no nn.Linear (they hold {', '.join(kinds)}); "
+                        "lrc compresses nn.Linear projections only")
     unused = [p for p, hit in used.items() if not hit]
     if unused:
         raise UserError(f"target pattern '{unused[0]}' matches no linear layer in the decoder layers")
