@@ -73,36 +73,56 @@ def loss_weights(fisher: dict, names) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def allocate_ranks(recipe, method, options, layer_targets, statistics, fisher=None
                    ) -> dict[str, tuple[int | None, float | None]]:
-    """name -> (rank or None for "keep dense", predicted relative output error).
+    """name -> (rank or None for "keep dense", predicted relative output error), from every layer's statistics
+    (a CalibrationStatistics). compressor/planning.py does the same keeping only the spectra.
 
     `fisher`: collect_fisher's result for these targets, needed by `weight: loss` (its `output_grad_sq`)."""
-    validate_allocation(recipe, method)
-    opts = recipe.allocation_options
-    by_loss = needs_output_gradients(recipe)
-    if by_loss and fisher is None:
-        raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.fisher.collect_fisher)")
-    scales = loss_weights(fisher, [n for t in layer_targets for n in t]) if by_loss else {}
-    spectra, weighted, shapes = {}, {}, {}
-    for targets, (groups, stats) in zip(layer_targets, statistics.layers):
+    plan = Spectra(recipe, method, options, layer_targets, fisher)
+    for index, (groups, stats) in enumerate(statistics.layers):
+        plan.add_layer(index, groups, stats)
+    return plan.allocate()
+
+
+class Spectra:
+    """The spectra rank allocation needs, gathered one layer at a time (a layer's statistics can be freed right
+    after `add_layer`), then `allocate()` over all of them."""
+
+    def __init__(self, recipe, method, options, layer_targets, fisher=None):
+        validate_allocation(recipe, method)
+        self.recipe, self.method, self.options, self.layer_targets = recipe, method, options, layer_targets
+        self.by_loss = needs_output_gradients(recipe)
+        if self.by_loss and fisher is None:
+            raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.fisher.collect_fisher)")
+        self.scales = loss_weights(fisher, [n for t in layer_targets for n in t]) if self.by_loss else {}
+        self.spectra, self.weighted, self.shapes = {}, {}, {}
+
+    @torch.no_grad()
+    def add_layer(self, index: int, groups: dict[str, list[str]], stats: dict) -> None:
+        targets = self.layer_targets[index]
         for owner, names in groups.items():
             for name in names:
                 W = targets[name].weight.detach().to(torch.float32)[None]
-                spectra[name] = method.spectrum(W, stats[owner], options)[0].cpu()
-                shapes[name] = tuple(W.shape[1:])
-                if by_loss:  # rows of W are output channels: diag(√h)·W weighs the output error by h
-                    d = scales[name].to(W.device)[None, :, None]
-                    weighted[name] = method.spectrum(W.double() * d, stats[owner], options)[0].cpu()
+                self.spectra[name] = self.method.spectrum(W, stats[owner], self.options)[0].cpu()
+                self.shapes[name] = tuple(W.shape[1:])
+                if self.by_loss:  # rows of W are output channels: diag(√h)·W weighs the output error by h
+                    d = self.scales[name].to(W.device)[None, :, None]
+                    self.weighted[name] = self.method.spectrum(W.double() * d, stats[owner], self.options)[0].cpu()
             stats[owner].release_derived()
-    if recipe.allocation == "energy":
-        ranks = allocate_energy(spectra, shapes, opts.energy)
-    elif by_loss:
-        ranks = allocate_global(weighted, shapes, _budget(shapes, options), weight="raw", min_rank=opts.min_rank)
-    else:
-        ranks = allocate_global(spectra, shapes, _budget(shapes, options), weight=opts.weight, min_rank=opts.min_rank)
-    return {
-        name: (ranks[name], None if ranks[name] is None else predicted_relative_error(spectra[name], ranks[name]))
-        for name in spectra
-    }
+
+    def allocate(self) -> dict[str, tuple[int | None, float | None]]:
+        opts, spectra, shapes = self.recipe.allocation_options, self.spectra, self.shapes
+        if self.recipe.allocation == "energy":
+            ranks = allocate_energy(spectra, shapes, opts.energy)
+        elif self.by_loss:
+            ranks = allocate_global(self.weighted, shapes, _budget(shapes, self.options), weight="raw",
+                                    min_rank=opts.min_rank)
+        else:
+            ranks = allocate_global(spectra, shapes, _budget(shapes, self.options), weight=opts.weight,
+                                    min_rank=opts.min_rank)
+        return {
+            name: (ranks[name], None if ranks[name] is None else predicted_relative_error(spectra[name], ranks[name]))
+            for name in spectra
+        }
 
 
 def needs_output_gradients(recipe) -> bool:

@@ -25,8 +25,9 @@ from compressor.apply import ModuleReport, compress_layer
 from compressor.data import calibration_batch, eval_windows, load_texts
 from compressor.errors import UserError
 from compressor.evaluate import PerplexityResult, perplexity
-from compressor.fisher import FisherDiag, collect_fisher
+from compressor.fisher import FisherDiag, fisher_of_targets, per_module_fisher
 from compressor.recipe import Recipe, load_recipe
+from compressor.planning import plan_ranks
 from compressor.refine import RefineReport, refine_block
 from compressor.sequential import run_sequential
 from compressor.stats import Stats
@@ -185,17 +186,17 @@ def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", b
     """One dense calibration pass gathering what all `recipes` need (they must agree on targets).
 
     When a recipe needs "fisher", the Fisher pass runs first (or `fisher` from `collect_fisher` is reused) and
-    every target gets its own Stats (see `_per_module_fisher`)."""
+    every target gets its own Stats (see fisher.per_module_fisher)."""
     recipes = [_as_recipe(r) for r in recipes]
     needs = REPORT_STATS.union(*(registry.get(r.method).needs_for(r.method_options()) for r in recipes))
     layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
     layers = []
     if "fisher" in needs and fisher is None:
-        fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
+        fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size)
 
     def keep(index, collector):
         groups, stats = collector.groups(), {k: _to_cpu(v) for k, v in collector.stats.items()}
-        layers.append(_per_module_fisher(groups, stats, fisher) if "fisher" in needs else (groups, stats))
+        layers.append(per_module_fisher(groups, stats, fisher) if "fisher" in needs else (groups, stats))
 
     run_sequential(model, batches, layer_targets, needs, keep, device=device, batch_size=batch_size,
                    propagate="dense", progress=progress, skip_first=recipes[0].calibration.skip_first)
@@ -210,28 +211,6 @@ def _to_cpu(s: Stats) -> Stats:
                  fisher_in=move(s.fisher_in), cross=gram if s.cross is s.gram else move(s.cross))
 
 
-# --- Fisher ("fisher" in method.needs) -------------------------------------------------------------------------
-# The Fisher is a property of each WEIGHT (its own gradient), not of the input it shares with its siblings, so
-# unlike the Gram it cannot live in the shared per-owner Stats. It is collected once on the dense model before
-# any layer is compressed (the paper's Fisher is the original model's), then every target becomes its own group
-# with a Stats copy holding its vectors (the Gram is shared by reference, not copied). compress_layer and rank
-# allocation then need no special case; the price is that same-shape siblings (gate/up) are decomposed one by
-# one instead of in one batched SVD.
-
-def _fisher(model, batches, layer_targets, *, device, batch_size, layer_io=None) -> dict[str, FisherDiag]:
-    names = [name for targets in layer_targets for name in targets]
-    return collect_fisher(model, batches, names, device=device, batch_size=batch_size, layer_io=layer_io)
-
-
-def _per_module_fisher(groups: dict[str, list[str]], stats: dict[str, Stats], fisher: dict[str, FisherDiag]):
-    """(owner -> names, owner -> Stats) -> (name -> [name], name -> Stats with that module's Fisher)."""
-    one_each, own = {}, {}
-    for owner, names in groups.items():
-        for name in names:
-            one_each[name] = [name]
-            own[name] = dataclasses.replace(stats[owner], fisher=fisher[name].out, fisher_in=fisher[name].in_)
-    return one_each, own
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def compress(
@@ -267,7 +246,8 @@ def compress(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     layer_targets = select_targets(model, recipe.targets, recipe.ignore)
-    _check_fixed_rank(getattr(options, "rank", None), layer_targets)
+    if method.factorizes:  # (a residual's rank, as EoRA's, is capped at full rank instead: nothing to refuse)
+        _check_fixed_rank(getattr(options, "rank", None), layer_targets)
     expected = sum(len(t) for t in layer_targets)
     reports: list[ModuleReport] = []
     calibration: dict = {}
@@ -288,7 +268,7 @@ def compress(
             raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
         groups, stats = collector.groups(), collector.stats
         if fisher is not None:
-            groups, stats = _per_module_fisher(groups, stats, fisher)
+            groups, stats = per_module_fisher(groups, stats, fisher)
         decompose_layer(index, groups, stats)
 
     refinements: list[RefineReport] = []
@@ -332,7 +312,8 @@ def compress(
         timings["calibration_data"] = time.perf_counter() - t0
     if "fisher" in needs and statistics is None:  # on the dense model, before anything is compressed
         t0 = time.perf_counter()
-        fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size, layer_io=layer_io)
+        fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size,
+                                   layer_io=layer_io)
         timings["fisher"] = time.perf_counter() - t0
     if recipe.allocation != "uniform":
         t0 = time.perf_counter()
@@ -341,15 +322,20 @@ def compress(
             if batches is None:
                 raise ValueError("allocation weight 'loss' runs a Fisher pass: it needs calibration `batches` "
                                  "(precomputed statistics hold no gradients)")
-            loss_fisher = _fisher(model, batches, layer_targets, device=device, batch_size=batch_size)
+            loss_fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size,
+                                            layer_io=layer_io)
             timings["fisher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-        dense_stats = statistics or collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size,
-                                                       fisher=fisher)
-        allocated = allocate_ranks(recipe, method, options, layer_targets, dense_stats, fisher=loss_fisher)
+        if statistics is None and _dense_statistics_suffice(recipe) and layer_io is None:
+            # The decompositions use exactly these statistics: keep them, and skip the second calibration pass.
+            statistics = collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size,
+                                            fisher=fisher)
+        if statistics is not None:
+            allocated = allocate_ranks(recipe, method, options, layer_targets, statistics, fisher=loss_fisher)
+        else:  # a planning pass that keeps only the spectra (and reads layers from disk with --low-memory)
+            allocated = plan_ranks(model, batches, recipe, method, options, layer_targets, needs, fisher=fisher,
+                                   loss_fisher=loss_fisher, device=device, batch_size=batch_size, layer_io=layer_io)
         timings["allocation"] = time.perf_counter() - t0
-        if _dense_statistics_suffice(recipe):
-            statistics = dense_stats
     if resumed is not None:  # after the dense passes above (Fisher, allocation): they need every layer dense
         _restore_finished_layers(model, reports, journal if layer_io is None else None, start)
         if layer_io is not None:
@@ -421,10 +407,7 @@ def _dense_statistics_suffice(recipe: Recipe) -> bool:
 
 
 def _check_streamable(recipe: Recipe, statistics) -> None:
-    """What needs more than one decoder layer's weights at a time cannot stream (yet): say so, before any work."""
-    if recipe.allocation != "uniform":
-        raise UserError(f"allocation '{recipe.allocation}' needs every layer's spectrum before the first is "
-                        "compressed; it cannot run with --low-memory (use allocation uniform)")
+    """Precomputed statistics hold every layer's Grams in memory: not for a --low-memory run."""
     if statistics is not None:
         raise ValueError("precomputed statistics cannot be combined with lazily loaded layers")
 

@@ -34,6 +34,7 @@ mode and the devices are restored afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.sequential import capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers, with_hidden
+from compressor.stats import Stats
 from compressor.targets import find_decoder_layers
 
 
@@ -212,3 +214,28 @@ def _fisher_of_chunk(model, layers, visits: _Visits, keep, per_layer, sums, ids)
         grad = x.grad
         visits.leave(index)
         del out, x
+
+
+# --- Fisher as a method's statistic ("fisher" in method.needs) -------------------------------------------------
+# The Fisher is a property of each WEIGHT (its own gradient), not of the input it shares with its siblings, so
+# unlike the Gram it cannot live in the shared per-owner Stats. It is collected once on the dense model before
+# any layer is compressed (the paper's Fisher is the original model's), then every target becomes its own group
+# with a Stats copy holding its vectors (the Gram is shared by reference, not copied). compress_layer and rank
+# allocation then need no special case; the price is that same-shape siblings (gate/up) are decomposed one by
+# one instead of in one batched SVD.
+
+def fisher_of_targets(model, batches, layer_targets, *, device, batch_size, layer_io=None) -> dict[str, FisherDiag]:
+    """collect_fisher for every target of `layer_targets` (select_targets' per-layer dicts)."""
+    names = [name for targets in layer_targets for name in targets]
+    return collect_fisher(model, batches, names, device=device, batch_size=batch_size, layer_io=layer_io)
+
+
+def per_module_fisher(groups: dict[str, list[str]], stats: dict[str, Stats], fisher: dict[str, FisherDiag]):
+    """(owner -> names, owner -> Stats) -> (name -> [name], name -> Stats with that module's Fisher)."""
+    one_each, own = {}, {}
+    for owner, names in groups.items():
+        for name in names:
+            one_each[name] = [name]
+            own[name] = dataclasses.replace(stats[owner], fisher=fisher[name].out, fisher_in=fisher[name].in_)
+    return one_each, own
+# ----------------------------------------------------------------------------------------------------------------
