@@ -206,8 +206,7 @@ def report(out):
 @click.option("--dense", is_flag=True, help="export a plain dense checkpoint")
 @click.option("--quantized-adapter", is_flag=True,
               help="quantized outputs (rtn, gptq, eora): a compressed-tensors base in OUTPUT/base plus the EoRA "
-                   "residuals as a PEFT LoRA adapter in OUTPUT/adapter (needs lrc's export extras: peft, "
-                   "compressed-tensors)")
+                   "residuals as a PEFT LoRA adapter in OUTPUT/adapter (needs pip install 'lrc[export]')")
 @click.option("--output", "-o", required=True, type=click.Path(), help="destination directory (must not exist)")
 @click.option("--overwrite", is_flag=True, help="replace an existing destination checkpoint")
 def export(out, dense, quantized_adapter, output, overwrite):
