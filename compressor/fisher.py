@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.sequential import capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers, with_hidden
+from compressor.sequential import (LayerSource, capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers,
+                                   with_hidden)
 from compressor.stats import Stats
 from compressor.targets import find_decoder_layers
 
@@ -145,6 +146,7 @@ def collect_fisher(
     was_training = model.training
     homes = [next(layer.parameters()).device for layer in layers]
     keep = torch.device("cpu") if homes[0].type == "meta" else homes[0]  # where the chunk's layer inputs wait
+    source = LayerSource(layers, device, homes, layer_io, writes=False)
     home = next(p for p in params).device
     try:
         for p in params:
@@ -153,39 +155,17 @@ def collect_fisher(
         move_all_but_layers(model, device)
         for start in range(0, batches.shape[0], batch_size):
             ids = batches[start : start + batch_size].to(device)
-            _fisher_of_chunk(model, layers, _Visits(layers, homes, device, layer_io), keep, per_layer, sums, ids)
+            _fisher_of_chunk(model, layers, source, keep, per_layer, sums, ids)
     finally:
         move_all_but_layers(model, home)
-        if layer_io is None:
-            for layer, layer_home in zip(layers, homes):
-                layer.to(layer_home)
+        source.send_home()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
     return {name: FisherDiag(*(t.cpu() for t in sums[name])) for name in sums}
 
 
-class _Visits:
-    """Brings decoder layer i to the compute device and sends it home (or back to disk) afterwards."""
-
-    def __init__(self, layers, homes, device, layer_io):
-        self.layers, self.homes, self.device, self.io = layers, homes, device, layer_io
-
-    def enter(self, index: int) -> nn.Module:
-        layer = self.layers[index]
-        if self.io is not None:
-            self.io.read(index, layer)
-        return layer.to(self.device)
-
-    def leave(self, index: int) -> None:
-        layer = self.layers[index]
-        if self.io is not None:
-            self.io.release(index, layer)
-        else:
-            layer.to(self.homes[index])
-
-
-def _fisher_of_chunk(model, layers, visits: _Visits, keep, per_layer, sums, ids) -> None:
+def _fisher_of_chunk(model, layers, visits: LayerSource, keep, per_layer, sums, ids) -> None:
     device = visits.device
     arguments = capture_layer_calls(model, layers, ids, device=device, offload=keep, batch_size=ids.shape[0])
     (call,) = arguments.first()

@@ -15,19 +15,6 @@ from compressor.fisher import per_module_fisher
 from compressor.sequential import run_sequential
 
 
-class _ReadOnlyLayers:
-    """A layer source for a pass that only reads: `layer_io.read` to load, `release` when done (nothing written)."""
-
-    def __init__(self, layer_io):
-        self.io = layer_io
-
-    def load(self, index, layer):
-        self.io.read(index, layer)
-
-    def done(self, index, layer):
-        self.io.release(index, layer)
-
-
 def plan_ranks(model, batches, recipe, method, options, layer_targets, needs, *, fisher=None, loss_fisher=None,
                device="cpu", batch_size=8, layer_io=None) -> dict[str, tuple[int | None, float | None]]:
     """name -> (rank or None, predicted relative error): allocate_ranks from spectra gathered layer by layer.
@@ -43,6 +30,6 @@ def plan_ranks(model, batches, recipe, method, options, layer_targets, needs, *,
         plan.add_layer(index, groups, stats)
 
     run_sequential(model, batches, layer_targets, needs, on_layer, device=device, batch_size=batch_size,
-                   propagate="dense", layer_io=None if layer_io is None else _ReadOnlyLayers(layer_io),
+                   propagate="dense", layer_io=layer_io, read_only=True,
                    skip_first=recipe.calibration.skip_first)
     return plan.allocate()

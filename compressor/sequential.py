@@ -152,6 +152,37 @@ def _run_layer(layer, calls, device, offload) -> list:
     return outs
 
 
+class LayerSource:
+    """Where decoder layers wait between uses, and how one comes to the compute device and goes back: every walk
+    over the layers (calibration, the Fisher pass, the planning pass) moves them through one of these.
+
+    In memory the layers wait on `homes` (one device, or one per layer). With `layer_io` (compressor/streaming.py)
+    they wait on disk: a pass that writes (the compression pass) gets each with `load` and hands it to `done`, which
+    writes its output shard; a pass that only reads (`writes=False`) uses `read` and `release`."""
+
+    def __init__(self, layers: nn.ModuleList, device, homes, layer_io=None, writes: bool = True):
+        self.layers, self.device, self.io, self.writes = layers, device, layer_io, writes
+        self.homes = list(homes) if isinstance(homes, (list, tuple)) else [homes] * len(layers)
+
+    def enter(self, index: int) -> nn.Module:
+        layer = self.layers[index]
+        if self.io is not None:
+            (self.io.load if self.writes else self.io.read)(index, layer)
+        return layer.to(self.device)
+
+    def leave(self, index: int) -> None:
+        layer = self.layers[index]
+        layer.to(self.homes[index])
+        if self.io is not None:
+            (self.io.done if self.writes else self.io.release)(index, layer)
+
+    def send_home(self) -> None:
+        """In memory: every layer to its home (on disk they already are)."""
+        if self.io is None:
+            for layer, home in zip(self.layers, self.homes):
+                layer.to(home)
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
@@ -166,6 +197,7 @@ def run_sequential(
     propagate: str = "compressed",
     progress: Callable[[int], None] | None = None,
     layer_io=None,
+    read_only: bool = False,
     granularity: str = "layer",
     skip_first: int = 0,
     refine: Callable | None = None,
@@ -176,7 +208,8 @@ def run_sequential(
 ) -> None:
     """`layer_io` (see compressor/streaming.py): an object with `load(index, layer)`, called before a layer is
     used, and `done(index, layer)`, called once the runner no longer needs it — for weights that live on disk
-    until needed (the decoder layers are then on the meta device until loaded).
+    until needed (the decoder layers are then on the meta device until loaded). `read_only`: a pass that writes
+    nothing (`read`/`release` instead, see LayerSource).
 
     `granularity="group"`: the targets of a layer are compressed group by group (the linears sharing an input,
     in the order the layer calls them), each group's statistics collected with the earlier groups already
@@ -195,9 +228,8 @@ def run_sequential(
     model.eval()
     # Everything but the decoder layers (embeddings, rotary tables, final norm) goes to the device now.
     move_all_but_layers(model, device)
-    if layer_io is None:
-        for layer in layers:
-            layer.to(offload)
+    source = LayerSource(layers, device, offload, layer_io, writes=not read_only)
+    source.send_home()
 
     arguments = capture_layer_calls(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
     calls = arguments.first()
@@ -217,9 +249,7 @@ def run_sequential(
             if progress is not None:
                 progress(index)
             continue
-        if layer_io is not None:
-            layer_io.load(index, layer)
-        layer.to(device)
+        source.enter(index)
         targets = layer_targets[index]
         # Group-sequential "cross" needs the dense layer's inputs of later groups after earlier ones are swapped.
         dense_copy = _dense_twin(layer, targets) if granularity == "group" and targets and dense_calls is not None \
@@ -254,9 +284,7 @@ def run_sequential(
         calls = arguments.onto(index + 1, outs)
         if dense_calls is not None:
             dense_calls = arguments.onto(index + 1, dense_outs)
-        layer.to(offload)
-        if layer_io is not None:
-            layer_io.done(index, layer)
+        source.leave(index)
         if on_layer_done is not None:
             on_layer_done(index, layer, [hidden_of(c) for c in calls],
                           None if dense_calls is None else [hidden_of(c) for c in dense_calls])
