@@ -309,6 +309,14 @@ def test_recipes_show_is_valid_yaml_that_round_trips(tmp_path):
     assert invoke("recipes", "show", str(path)) == text
 
 
+def test_recipes_show_in_a_subprocess_writes_the_method_defaults(tmp_path):
+    proc = lrc("recipes", "show", "eora-4bit", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    options = yaml.safe_load(proc.stdout)["options"]
+    assert options == {"bits": 4, "group_size": 128, "symmetric": False, "base": "rtn", "rank": 64,
+                       "eig_floor": 1e-06, "svd_solver": "gram", "whitening": "eigh"}
+
+
 @pytest.mark.parametrize("name", ["eora-4bit", "eora-gptq-4bit", "rtn-4bit", "lowrank-sparse-50"])
 def test_recipes_show_fills_defaults_that_stay_valid(name):
     recipe = Recipe(**yaml.safe_load(invoke("recipes", "show", name)))
