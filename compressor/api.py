@@ -44,7 +44,7 @@ class LoadedModel:
     storage_dtype: torch.dtype  # the checkpoint's dtype: outputs are saved in it
 
 
-def _resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+def resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
     if name == "auto":
         # Half precision on CPU is slow and lossy for the fp64 maths around it: compute in fp32 there.
         return torch.float32 if str(device).startswith("cpu") else checkpoint_dtype
@@ -54,7 +54,7 @@ def _resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype) -> tor
         raise UserError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16") from None
 
 
-def _checkpoint_dtype(config) -> torch.dtype:
+def checkpoint_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -77,8 +77,8 @@ def load_model(
         raise UserError(f"not a model directory (no config.json): {name_or_path}")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        storage = _checkpoint_dtype(config)
-        compute = _resolve_dtype(dtype, device, storage)
+        storage = checkpoint_dtype(config)
+        compute = resolve_dtype(dtype, device, storage)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=compute, trust_remote_code=trust_remote_code
         ).to("cpu" if keep_on_cpu else device)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, _check_destination, atomic_output_dir, load_compressed
+from compressor.io import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed
 from compressor.modules import COMPRESSED_MODULES
 
 # Tokenizer and chat-template files of a checkpoint directory, copied verbatim.
@@ -62,7 +62,7 @@ def export_dense(src, out_dir, *, overwrite: bool = False, max_shard_size: int |
     src, out_dir = Path(src), Path(out_dir)
     if src.resolve() == out_dir.resolve():
         raise UserError(f"export destination is the source checkpoint itself: {out_dir}")
-    _check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite)
     model = load_compressed(src)  # UserError when src is not an lrc checkpoint
     count = densify(model)
     detach_lrc_quantizer(model)

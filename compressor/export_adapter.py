@@ -63,7 +63,7 @@ from torch import nn
 from compressor import quant
 from compressor.errors import UserError
 from compressor.export import copy_tokenizer_files, detach_lrc_quantizer
-from compressor.io import CONFIG_NAME, _check_destination, atomic_output_dir, load_compressed, read_quantization_config
+from compressor.io import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed, read_quantization_config
 from compressor.modules import QuantLinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,10 +90,10 @@ def _refuse_unless_quantized(src: Path) -> None:
 
 
 def _check_export_destination(dst: Path, overwrite: bool) -> None:
-    """Like io._check_destination, but a previous export (base/config.json inside) may be overwritten too."""
+    """Like io.check_destination, but a previous export (base/config.json inside) may be overwritten too."""
     if overwrite and dst.is_dir() and not dst.is_symlink() and (dst / "base" / CONFIG_NAME).is_file():
         return
-    _check_destination(dst, overwrite)
+    check_destination(dst, overwrite)
 
 
 def _weight_args(module: QuantLinear, name: str) -> tuple[dict, torch.Tensor]:

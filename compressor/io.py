@@ -28,6 +28,7 @@ from compressor.errors import UserError, out_of_space
 from compressor.modules import COMPRESSED_MODULES
 
 CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
 _RESERVED = {CONFIG_NAME, "generation_config.json", "model.safetensors", "model.safetensors.index.json"}
 
 
@@ -48,7 +49,24 @@ def save_compressed(
     `modules` is the {name: spec} table of compressed modules; it must match the model exactly (it is derived
     from the model when None). Returns the output path."""
     out_dir = Path(out_dir)
-    _check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite)
+    _module_table(model, modules)  # a mismatch is found before anything is written
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_checkpoint(tmp, model, modules=modules, method=method, recipe_name=recipe_name, tokenizer=tokenizer,
+                         extra_files=extra_files, max_shard_size=max_shard_size)
+    return out_dir
+
+
+def write_checkpoint(folder: Path, model: nn.Module, *, modules: dict[str, dict] | None, method: str,
+                     recipe_name: str, tokenizer=None, extra_files: dict | None = None,
+                     max_shard_size: int | str = "2GB", written: dict[str, str] | None = None) -> None:
+    """The one writer of lrc checkpoints, into `folder` (a temporary directory the caller renames into place).
+
+    The weights: `model.save_pretrained`, or — `written` = {tensor name: shard file} of weights already in `folder`
+    (a --low-memory run writes each decoder layer's shard as it finishes) — only their index. Then config.json with
+    lrc's quantization_config, generation config, tokenizer, and `extra_files` (name -> str | bytes | callable
+    giving one, called last: a report can include the save time)."""
+    folder = Path(folder)
     table = _module_table(model, modules)
     extra_files = dict(extra_files or {})
     for name in extra_files:
@@ -57,14 +75,19 @@ def save_compressed(
         if not plain or ".." in parts or name in _RESERVED or name.endswith(".safetensors"):
             raise ValueError(f"extra file name {name!r} must be a plain file name (or plots/NAME) that is not a "
                              "checkpoint file")
-
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _write_quantization_config(model, tmp / CONFIG_NAME, table, method, recipe_name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_extra_files(tmp, extra_files)
-    return out_dir
+    if written is None:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+    else:
+        total = sum((folder / f).stat().st_size for f in set(written.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(written.items()))}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(folder)
+    _write_quantization_config(model, folder / CONFIG_NAME, table, method, recipe_name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    write_extra_files(folder, extra_files)
 
 
 def write_extra_files(folder: Path, files: dict) -> None:
@@ -165,7 +188,7 @@ def _write_quantization_config(model, config_file: Path, table, method: str, rec
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> None:
+def check_destination(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not overwrite:

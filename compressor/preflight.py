@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, _check_destination
+from compressor.io import CONFIG_NAME, check_destination
 
 _SPACE_MARGIN = 1.05  # report.json, plots, tokenizer files and filesystem slack on top of the weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -125,7 +125,7 @@ def check_output(out, *, overwrite: bool, expected_bytes: int | None = None, des
     writer's exists/`--overwrite` rules (off for callers with their own, like the adapter export)."""
     out = Path(out)
     if destination_rules:
-        _check_destination(out, overwrite)
+        check_destination(out, overwrite)
     parent = _existing_ancestor(out.parent)
     try:  # exactly what the writer will do first: a hidden temporary directory next to `out`
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.preflight-"))

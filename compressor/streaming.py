@@ -36,16 +36,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compressor import api, hf_integration
+from compressor import api
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, _check_destination, _module_table, _write_quantization_config
-from compressor.io import atomic_output_dir, publish, write_extra_files
+from compressor.io import CONFIG_NAME, INDEX_NAME, atomic_output_dir, check_destination, publish, write_checkpoint
 from compressor.journal import fault
 from compressor.recipe import load_recipe
 from compressor.report import count_parameters, state_bytes
 from compressor.targets import find_decoder_layers, layers_detached
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 class CheckpointFiles:
@@ -206,8 +203,8 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise UserError(f"{name_or_path} is already quantized/compressed; --low-memory needs a dense checkpoint")
-    storage = api._checkpoint_dtype(config)
-    compute = api._resolve_dtype(dtype, device, storage)
+    storage = api.checkpoint_dtype(config)
+    compute = api.resolve_dtype(dtype, device, storage)
     files = CheckpointFiles(folder)
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=compute, trust_remote_code=trust_remote_code)
@@ -232,7 +229,7 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
     in hand. `journal` (compressor/journal.py): its folder is where the output is written (the shards finished
     before an interruption are kept there), and the run resumes from it. Returns (CompressionResult, output path)."""
     out = Path(out)
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite)
     recipe = recipe if not isinstance(recipe, str) else load_recipe(recipe, overrides)
     t0 = time.perf_counter()
     model, tok, files, storage, path, n_layers = skeleton or load_skeleton(
@@ -270,21 +267,12 @@ def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, repo
     rest = {k: v.to(storage) if v.is_floating_point() else v for k, v in lazy.files.read(names).items()}
     lazy.write(lazy.n, rest)
     fault("final-write")
-    total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(lazy.weight_map.items()))}
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     model.config.dtype = storage
-    model.config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(tmp)
-    table = _module_table(model, result.specs())
-    _write_quantization_config(model, tmp / CONFIG_NAME, table, result.recipe.method, result.recipe.name)
-    hf_integration.register()
-    tokenizer.save_pretrained(tmp)
-    result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
     extra = {"recipe.yaml": result.recipe.to_yaml()}
     if report_fn is not None:
+        result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
         report, report_md, files = report_fn(result, model)
         extra.update({"report.json": json.dumps(report, indent=2), "report.md": report_md, **files})
-    write_extra_files(tmp, extra)
-
+    write_checkpoint(tmp, model, modules=result.specs(), method=result.recipe.method, recipe_name=result.recipe.name,
+                     tokenizer=tokenizer, extra_files=extra, written=lazy.weight_map)
+    result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
