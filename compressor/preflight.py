@@ -39,19 +39,20 @@ def looks_local(name: str) -> bool:
     return len(parts) != 2 or Path(parts[0]).is_dir()
 
 
-def check_model_source(name: str) -> None:
-    """UserError unless `name` is a local checkpoint directory or an `org/name` hub model that can be fetched."""
+def check_model_source(name: str) -> int | None:
+    """UserError unless `name` is a local checkpoint directory or an `org/name` hub model that can be fetched.
+    Returns the bytes of its weight files when known (None: a hub model whose listing gave no sizes)."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise UserError(f"model path is not a directory: {name}")
         if not (path / CONFIG_NAME).is_file():
             raise UserError(f"not a model directory (no {CONFIG_NAME}): {name}")
-        return
+        return source_weight_bytes(name)
     if looks_local(name):
         raise UserError(f"model directory not found: {name}{_suggestion(path)} (only an org/name id is looked up "
                         "on the hub)")
-    _check_hub_model(name)
+    return _check_hub_model(name)
 
 
 def _suggestion(path: Path) -> str:
@@ -64,8 +65,9 @@ def _suggestion(path: Path) -> str:
     return f"; did you mean {parent / close[0]}?" if close else ""
 
 
-def _check_hub_model(repo_id: str) -> None:
-    """One request (no retry loop) for `org/name`; offline, the local hub cache is asked instead."""
+def _check_hub_model(repo_id: str) -> int | None:
+    """One request (no retry loop) for `org/name`, which also gives the weights' size: the download must fit in
+    the hub cache. Offline, the local hub cache is asked instead."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
@@ -77,9 +79,9 @@ def _check_hub_model(repo_id: str) -> None:
         if not isinstance(cached, str):
             raise UserError(f"model not found: {repo_id} is not a local directory, and the hub is off "
                             "(HF_HUB_OFFLINE) and its cache holds no copy")
-        return
+        return None
     try:
-        HfApi().model_info(repo_id, timeout=20)
+        info = HfApi().model_info(repo_id, timeout=20, files_metadata=True)
     except GatedRepoError:
         raise UserError(f"hub model {repo_id} is gated: accept its terms on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -89,6 +91,17 @@ def _check_hub_model(repo_id: str) -> None:
         if not isinstance(cached, str):
             raise UserError(f"cannot reach the hub for {repo_id} ({_first_line(exc)}), and no cached copy; "
                             "check the network or pass a local directory") from None
+        return None
+    files = [(f.rfilename, f.size or 0) for f in info.siblings or ()]
+    size = sum(n for name, n in files if name.endswith(".safetensors")) or \
+        sum(n for name, n in files if name.endswith(".bin")) or None
+    if size and not isinstance(cached, str):  # first download: it must fit where the hub cache lives
+        cache = _existing_ancestor(Path(constants.HF_HUB_CACHE))
+        free = shutil.disk_usage(cache).free
+        if free < size:
+            raise UserError(f"not enough disk space to download {repo_id}: {_gib(size)} of weights, {_gib(free)} "
+                            f"free in the hub cache {cache} (set HF_HOME to move it)")
+    return size
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ from compressor import api
 from compressor.data import load_texts
 from compressor.errors import UserError
 from compressor.journal import Journal, fault, refuse_leftover, run_identity
-from compressor.preflight import check_model_source, check_output, source_weight_bytes
+from compressor.preflight import check_model_source, check_output
 from compressor.recipe import load_recipe
 from compressor.report import build_report, count_parameters, render_markdown, state_bytes
 from compressor.targets import find_decoder_layers, select_targets
@@ -154,8 +154,8 @@ def compress_checkpoint(
     """`resume`: finish the run an interruption left in `.OUT.partial/` (compressor/journal.py); without it such a
     leftover is refused before any work."""
     out = Path(out)
-    check_model_source(model_name)  # a typo'd path: one line now, not hub retries
-    check_output(out, overwrite=overwrite, expected_bytes=source_weight_bytes(model_name))  # not after the run
+    source_bytes = check_model_source(model_name)  # a typo'd path: one line now, not hub retries
+    check_output(out, overwrite=overwrite, expected_bytes=source_bytes)  # not after the run
     refuse_leftover(out, resume)
     recipe = load_recipe(recipe_name, overrides)
     calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file

@@ -156,3 +156,40 @@ def test_export_size_scales_to_dense(tmp_path):
     report = {"totals": {"weight_bytes_before": 400, "weight_bytes_after": 100}}
     (tmp_path / "report.json").write_text(json.dumps(report))
     assert export_bytes(tmp_path, dense=True) == 4000 and export_bytes(tmp_path, dense=False) == 1000
+
+
+def test_hub_ids_are_asked_once_and_their_download_must_fit(monkeypatch):
+    """No network here: HfApi.model_info is replaced; the rules around it are what is tested."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from compressor import preflight
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def model_info(self, repo_id, **kwargs):
+        calls.append((repo_id, kwargs.get("timeout")))
+        if repo_id == "org/missing":
+            raise RepositoryNotFoundError("404", response=SimpleNamespace(headers={}, status_code=404, request=None))
+        if repo_id == "org/offline":
+            raise ConnectionError("[Errno -2] Name or service not known")
+        files = [SimpleNamespace(rfilename="model-00001-of-00002.safetensors", size=3 * 2**30),
+                 SimpleNamespace(rfilename="model-00002-of-00002.safetensors", size=2**30),
+                 SimpleNamespace(rfilename="config.json", size=700)]
+        return SimpleNamespace(siblings=files)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    assert check_model_source("org/model") == 4 * 2**30
+    with pytest.raises(UserError, match="no hub model org/missing"):
+        check_model_source("org/missing")
+    with pytest.raises(UserError, match="cannot reach the hub for org/offline .*Name or service not known"):
+        check_model_source("org/offline")
+    assert all(timeout for _, timeout in calls)  # one bounded request each, not a retry loop
+    usage = lambda path: SimpleNamespace(total=2**40, used=2**40 - 2**30, free=2**30)  # noqa: E731
+    monkeypatch.setattr(preflight.shutil, "disk_usage", usage)
+    with pytest.raises(UserError, match=r"not enough disk space to download org/model: 4.00 GiB .*HF_HOME"):
+        check_model_source("org/model")
