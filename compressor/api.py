@@ -19,21 +19,15 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from compressor import registry
-from compressor.allocation import allocate_ranks, needs_output_gradients, validate_allocation
-from compressor.apply import ModuleReport, compress_layer
+from compressor.apply import ModuleReport
 from compressor.data import calibration_batch, eval_windows, load_texts
 from compressor.errors import UserError
 from compressor.evaluate import PerplexityResult, perplexity
-from compressor.fisher import FisherDiag, fisher_of_targets, per_module_fisher
 from compressor.recipe import Recipe, load_recipe
-from compressor.planning import plan_ranks
-from compressor.refine import RefineReport, refine_block
-from compressor.sequential import run_sequential
-from compressor.stats import Stats
-from compressor.targets import find_decoder_layers, select_targets
+from compressor.pipeline import REPORT_STATS, CalibrationStatistics, Compression
+from compressor.pipeline import collect_statistics as _collect_statistics
+from compressor.refine import RefineReport
 
-REPORT_STATS = frozenset({"gram"})  # the report's output error needs the Gram of every target
 
 
 @dataclass
@@ -159,16 +153,6 @@ class CompressionResult:
         )
 
 
-@dataclass
-class CalibrationStatistics:
-    """Statistics of every target of the *dense* model, layer by layer: reusable by every recipe whose
-    `sequential.inputs` is "dense" (the inputs then do not depend on the recipe)."""
-
-    needs: frozenset
-    layers: list[tuple[dict[str, list[str]], dict[str, Stats]]]  # per layer: (groups, stats by owner)
-    targets: tuple[tuple[str, ...], ...]
-
-
 def calibration_data(tokenizer, recipe: Recipe, calib: str | None = None, *, loaded_texts=None):
     """(token windows nsamples × seqlen, description). `loaded_texts`: a `load_texts` result already in hand."""
     texts, description = loaded_texts or load_texts(calib, split_default="train")
@@ -179,38 +163,6 @@ def calibration_data(tokenizer, recipe: Recipe, calib: str | None = None, *, loa
 
 def _as_recipe(recipe) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-
-
-def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", batch_size=8, progress=None,
-                       fisher: dict[str, FisherDiag] | None = None):
-    """One dense calibration pass gathering what all `recipes` need (they must agree on targets).
-
-    When a recipe needs "fisher", the Fisher pass runs first (or `fisher` from `collect_fisher` is reused) and
-    every target gets its own Stats (see fisher.per_module_fisher)."""
-    recipes = [_as_recipe(r) for r in recipes]
-    needs = REPORT_STATS.union(*(registry.get(r.method).needs_for(r.method_options()) for r in recipes))
-    layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
-    layers = []
-    if "fisher" in needs and fisher is None:
-        fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size)
-
-    def keep(index, collector):
-        groups, stats = collector.groups(), {k: _to_cpu(v) for k, v in collector.stats.items()}
-        layers.append(per_module_fisher(groups, stats, fisher) if "fisher" in needs else (groups, stats))
-
-    run_sequential(model, batches, layer_targets, needs, keep, device=device, batch_size=batch_size,
-                   propagate="dense", progress=progress, skip_first=recipes[0].calibration.skip_first)
-    names = tuple(tuple(t) for t in layer_targets)
-    return CalibrationStatistics(needs, layers, names)
-
-
-def _to_cpu(s: Stats) -> Stats:
-    move = lambda t: None if t is None else t.cpu()  # noqa: E731
-    gram = move(s.gram)
-    return Stats(count=s.count, gram=gram, abs_sum=move(s.abs_sum), fisher=move(s.fisher),
-                 fisher_in=move(s.fisher_in), cross=gram if s.cross is s.gram else move(s.cross))
-
-
 
 
 def compress(
@@ -238,185 +190,31 @@ def compress(
     `journal` (compressor/journal.py): record each finished layer, and resume after the last one an interrupted
     run with the same journal finished; the result is identical to an uninterrupted run's.
     """
-    recipe = _as_recipe(recipe)
-    method = registry.get(recipe.method)
-    validate_allocation(recipe, method)
-    options = recipe.method_options()
-    needs = method.needs_for(options) | REPORT_STATS
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    layer_targets = select_targets(model, recipe.targets, recipe.ignore)
-    if method.factorizes:  # (a residual's rank, as EoRA's, is capped at full rank instead: nothing to refuse)
-        _check_fixed_rank(getattr(options, "rank", None), layer_targets)
-    expected = sum(len(t) for t in layer_targets)
-    reports: list[ModuleReport] = []
+    run = Compression(model, _as_recipe(recipe), device=device, batch_size=batch_size, storage_dtype=storage_dtype,
+                      progress=progress, layer_io=layer_io, journal=journal)
+    run.select_targets(statistics)
     calibration: dict = {}
-
-    allocated = None
-    fisher = None
-
-    def decompose_layer(index, groups, stats):
-        t0 = time.perf_counter()
-        if layer_targets[index]:
-            reports.extend(compress_layer(model, layer_targets[index], groups, stats, method, options, allocated,
-                                          storage_dtype=storage_dtype))
-        timings["decomposition"] = timings.get("decomposition", 0.0) + time.perf_counter() - t0
-
-    def on_layer(index, collector):  # once per layer, or once per group of it (sequential.granularity: group)
-        missing = [n for n in collector.modules if n not in collector.owner]
-        if missing:
-            raise RuntimeError(f"{missing[0]} was never called during calibration; cannot compress it")
-        groups, stats = collector.groups(), collector.stats
-        if fisher is not None:
-            groups, stats = per_module_fisher(groups, stats, fisher)
-        decompose_layer(index, groups, stats)
-
-    refinements: list[RefineReport] = []
-
-    def refine(index, layer, calls, targets, device_, offload):
-        t0 = time.perf_counter()
-        done = {m.name for m in reports if m.compressed}
-        modules = [model.get_submodule(name) for name in layer_targets[index] if name in done]
-        r = recipe.refine
-        report, outs = refine_block(layer, modules, calls, targets, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
-                                    seed=r.seed, skip_first=recipe.calibration.skip_first, device=device_,
-                                    offload=offload, index=index, relative_lr=r.relative_lr)
-        refinements.append(report)
-        timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - t0
-        return outs
-
-    resumed = journal.resumed() if journal is not None else None
-    start = resumed.done if resumed is not None else 0
-    if resumed is not None:
-        reports.extend(_module_report(d) for d in resumed.state["modules"])
-        refinements.extend(RefineReport(**d) for d in resumed.state["refinement"])
-
-    def layer_done(index, layer, hidden, dense_hidden):
-        tensors = None
-        if layer_io is None:  # the output is written at the end: the journal keeps the compressed layer meanwhile
-            prefix = f"{find_decoder_layers(model)[0]}.{index}."
-            tensors = {prefix + k: v for k, v in layer.state_dict().items()}
-        state = {"modules": [m.to_dict() for m in reports], "refinement": [r.to_dict() for r in refinements]}
-        journal.record(index + 1, hidden, dense_hidden, state, tensors)
-
-    if layer_io is not None:
-        _check_streamable(recipe, statistics)
-    if statistics is not None and not _dense_statistics_suffice(recipe):
-        raise ValueError("precomputed statistics apply only to recipes with sequential.inputs: dense, "
-                         "sequential.granularity: layer and no refinement")
     if batches is None and statistics is None:
         if tokenizer is None:
             raise ValueError("compress() needs `batches` or a `tokenizer` to build calibration data")
         t0 = time.perf_counter()
-        batches, calibration = calibration_data(tokenizer, recipe, calib)
-        timings["calibration_data"] = time.perf_counter() - t0
-    if "fisher" in needs and statistics is None:  # on the dense model, before anything is compressed
-        t0 = time.perf_counter()
-        fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size,
-                                   layer_io=layer_io)
-        timings["fisher"] = time.perf_counter() - t0
-    if recipe.allocation != "uniform":
-        t0 = time.perf_counter()
-        loss_fisher = fisher  # `weight: loss` reads the output gradients of the same dense Fisher pass
-        if needs_output_gradients(recipe) and loss_fisher is None:
-            if batches is None:
-                raise ValueError("allocation weight 'loss' runs a Fisher pass: it needs calibration `batches` "
-                                 "(precomputed statistics hold no gradients)")
-            loss_fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size,
-                                            layer_io=layer_io)
-            timings["fisher"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        if statistics is None and _dense_statistics_suffice(recipe) and layer_io is None:
-            # The decompositions use exactly these statistics: keep them, and skip the second calibration pass.
-            statistics = collect_statistics(model, batches, [recipe], device=device, batch_size=batch_size,
-                                            fisher=fisher)
-        if statistics is not None:
-            allocated = allocate_ranks(recipe, method, options, layer_targets, statistics, fisher=loss_fisher)
-        else:  # a planning pass that keeps only the spectra (and reads layers from disk with --low-memory)
-            allocated = plan_ranks(model, batches, recipe, method, options, layer_targets, needs, fisher=fisher,
-                                   loss_fisher=loss_fisher, device=device, batch_size=batch_size, layer_io=layer_io)
-        timings["allocation"] = time.perf_counter() - t0
-    if resumed is not None:  # after the dense passes above (Fisher, allocation): they need every layer dense
-        _restore_finished_layers(model, reports, journal if layer_io is None else None, start)
-        if layer_io is not None:
-            layer_io.resume(start)
-    if statistics is not None:
-        if not needs <= statistics.needs:
-            raise ValueError(f"statistics lack {sorted(needs - statistics.needs)} needed by {method.name}")
-        if tuple(tuple(t) for t in layer_targets) != statistics.targets:
-            raise ValueError("statistics were collected for other targets than this recipe's")
-        for index, (groups, stats) in enumerate(statistics.layers):
-            if index >= start:
-                decompose_layer(index, groups, stats)
-                if journal is not None:
-                    layer_done(index, find_decoder_layers(model)[1][index], [], None)
-            if progress is not None:
-                progress(index)
-    else:
-        run_sequential(model, batches, layer_targets, needs, on_layer, device=device,
-                       batch_size=batch_size, propagate=recipe.sequential.inputs, progress=progress, layer_io=layer_io,
-                       granularity=recipe.sequential.granularity, skip_first=recipe.calibration.skip_first,
-                       refine=refine if recipe.refine.epochs > 0 else None, refine_target=recipe.refine.target,
-                       start=start, start_hidden=resumed and (resumed.hidden, resumed.dense_hidden),
-                       on_layer_done=layer_done if journal is not None else None)
-        timings["statistics"] = time.perf_counter() - started - sum(timings.values())
-    if len(reports) != expected:
-        raise RuntimeError(f"failed to compress {expected - len(reports)} of {expected} target modules")
-    if storage_dtype is not None:
-        _round_through(model, storage_dtype)
-    timings["compress_total"] = time.perf_counter() - started
-    return CompressionResult(model, recipe, reports, timings, calibration, storage_dtype, refinements, start)
+        batches, calibration = calibration_data(tokenizer, run.recipe, calib)
+        run.timings["calibration_data"] = time.perf_counter() - t0
+    run.fisher_pass(batches, statistics)
+    statistics = run.allocate(batches, statistics)
+    run.resume()
+    run.compress_layers(batches, statistics)
+    run.finish()
+    return CompressionResult(model, run.recipe, run.reports, run.timings, calibration, storage_dtype, run.refinements,
+                             run.start)
 
 
-def _check_fixed_rank(rank: int | None, layer_targets) -> None:
-    """A fixed rank above min(m, n) of a target is a mistake in the recipe, not something to round silently."""
-    if rank is None:
-        return
-    for targets in layer_targets:
-        for name, module in targets.items():
-            m, n = module.weight.shape
-            if rank > min(m, n):
-                raise UserError(f"rank {rank} exceeds min(m, n) = {min(m, n)} of {name} ({m}×{n}); use a smaller "
-                                "rank, or param_ratio / size_ratio")
-
-
-def _module_report(d: dict) -> ModuleReport:
-    """The inverse of ModuleReport.to_dict (its derived keys dropped): reports kept in a run's journal."""
-    kept = {f.name: d[f.name] for f in dataclasses.fields(ModuleReport) if f.name in d}
-    return ModuleReport(**{**kept, "shape": tuple(kept["shape"])})
-
-
-def _restore_finished_layers(model: nn.Module, reports: list[ModuleReport], journal, done: int) -> None:
-    """Swap in the compressed modules of layers 0..done-1 and, from `journal`, load their tensors as the interrupted
-    run left them (without it, they stay where the layers are: on the meta device of a --low-memory run)."""
-    from compressor.hf_integration import replace_linears
-    from safetensors.torch import load_file
-
-    path, layers = find_decoder_layers(model)
-    replace_linears(model, {m.name: m.spec for m in reports if m.compressed})
-    for index in range(done if journal is not None else 0):
-        prefix = f"{path}.{index}."
-        tensors = load_file(journal.layer_file(index))
-        layers[index].load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True, assign=True)
-
-
-def _dense_statistics_suffice(recipe: Recipe) -> bool:
-    """The dense model's statistics are all the recipe uses: no layer sees anything compressed before it."""
-    return (recipe.sequential.inputs == "dense" and recipe.sequential.granularity == "layer"
-            and recipe.refine.epochs == 0)
-
-
-def _check_streamable(recipe: Recipe, statistics) -> None:
-    """Precomputed statistics hold every layer's Grams in memory: not for a --low-memory run."""
-    if statistics is not None:
-        raise ValueError("precomputed statistics cannot be combined with lazily loaded layers")
-
-
-@torch.no_grad()
-def _round_through(model: nn.Module, dtype: torch.dtype) -> None:
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.copy_(p.to(dtype))
+def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", batch_size=8, progress=None,
+                       fisher=None) -> CalibrationStatistics:
+    """One dense calibration pass gathering what all `recipes` (built-in names, paths or Recipes) need; they must
+    agree on targets. Reused by every recipe with `sequential.inputs: dense` via `compress(statistics=...)`."""
+    return _collect_statistics(model, batches, [_as_recipe(r) for r in recipes], device=device,
+                               batch_size=batch_size, progress=progress, fisher=fisher)
 
 
 def evaluate(model, tokenizer, data: str | None = None, *, seqlen: int = 2048, batch_size: int = 4,

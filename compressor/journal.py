@@ -153,6 +153,10 @@ class Journal:
     def layer_file(self, index: int) -> Path:
         return self.folder / f"layer-{index:05d}.safetensors"
 
+    def layer_tensors(self, index: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Layer `index` as the interrupted run left it, names relative to the layer (`prefix` removed)."""
+        return {k.removeprefix(prefix): v for k, v in load_file(self.layer_file(index)).items()}
+
     def record(self, done: int, hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor] | None, state: dict,
                layer_tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Layers 0..done-1 are finished: keep `layer_tensors` (layer done-1, when the output does not already

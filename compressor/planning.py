@@ -4,8 +4,8 @@ and frees every layer's statistics as it goes. For a 7B model that is a few MB i
 Grams that keeping every layer's statistics would hold, and with `layer_io` (--low-memory) it reads each decoder
 layer from disk and sends it back, so allocation works with one layer in memory.
 
-When the recipe's decompositions use exactly the dense model's statistics (compressor.api._dense_statistics_suffice)
-and the model is in memory, compressor.api keeps the statistics instead and skips its second pass.
+When the recipe's decompositions use exactly the dense model's statistics (compressor.pipeline.dense_statistics_suffice)
+and the model is in memory, the pipeline keeps the statistics instead and skips its second pass.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import api
+from compressor import api, pipeline
 from compressor.api import collect_statistics, compress
 from compressor.errors import UserError
 from compressor.modules import LowRankLinear, LowRankSparseLinear, QuantLinear
@@ -197,8 +197,7 @@ def test_ranks_and_parameter_counts_follow_param_ratio(tiny_model, calib_ids, re
     "rank, compressed",
     [
         (22, {"self_attn.q_proj", "self_attn.o_proj", *MLP}),  # k/v (32x64): 22·96 = 2112 >= 2048 → dense
-        (32, set(MLP)),  # q/o (64x64): 32·128 = 4096 == 4096 saves nothing → dense
-        (1000, set()),  # nothing saves: every target stays dense, the model is unchanged
+        (32, set(MLP)),  # q/o (64x64): 32·128 = 4096 == 4096 saves nothing → dense; k/v at their full rank 32
     ],
 )
 def test_fixed_rank_and_layers_that_would_grow_stay_dense(tmp_path, tiny_model, calib_ids, rank, compressed):
@@ -222,12 +221,15 @@ def test_fixed_rank_and_layers_that_would_grow_stay_dense(tmp_path, tiny_model, 
                 assert torch.equal(module.bias, original.bias)
             assert rep.params_after == rep.params_before
             assert "kept dense" in rep.note and f"{rank * (m + n):,}" in rep.note
-    if not compressed:
-        assert torch.equal(logits(model), logits(dense))
     out = result.save(tmp_path / "ckpt", report=None)
     for loaded in (compressor.load_compressed(out), AutoModelForCausalLM.from_pretrained(out)):
         assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == len(compressed) * LAYERS
         assert torch.equal(logits(loaded), logits(model))
+
+
+def test_a_fixed_rank_above_a_targets_smaller_dimension_is_refused_before_calibration(tiny_model, calib_ids):
+    with pytest.raises(UserError, match=r"rank 33 exceeds min\(m, n\) = 32 of model.layers.0.self_attn.k_proj"):
+        compress(tiny_model("qwen2"), load_recipe("svd-llm-20", ["rank=33"]), batches=calib_ids())
 
 
 def test_param_ratio_rank_is_exact_where_the_budget_is_an_integer(calib_ids):
@@ -393,14 +395,14 @@ def test_eora_at_full_rank_recovers_the_dense_model(tiny_model, calib_ids):
 def _record_grams(monkeypatch) -> dict:
     """Spy on compress_layer: {owner name: the Gram compress() handed it}."""
     seen: dict[str, torch.Tensor] = {}
-    real = api.compress_layer
+    real = pipeline.compress_layer
 
     def spy(model, targets, groups, stats, method, options, allocated=None, **kw):
         for owner in groups:
             seen[owner] = stats[owner].gram.clone()
         return real(model, targets, groups, stats, method, options, allocated, **kw)
 
-    monkeypatch.setattr(api, "compress_layer", spy)
+    monkeypatch.setattr(pipeline, "compress_layer", spy)
     return seen
 
 
@@ -454,7 +456,7 @@ def test_precomputed_statistics_reproduce_a_dense_inputs_run_exactly(tiny_model,
     for recipe in (svdllm, eora):
         direct = compress(tiny_model("qwen2"), recipe, batches=ids)
         with monkeypatch.context() as mp:  # reusing statistics must not run a single forward pass
-            mp.setattr(api, "run_sequential", lambda *a, **k: pytest.fail("calibration pass with statistics given"))
+            mp.setattr(pipeline, "run_sequential", lambda *a, **k: pytest.fail("calibration pass with statistics given"))
             reused = compress(tiny_model("qwen2"), recipe, statistics=stats)
         a, b = direct.model.state_dict(), reused.model.state_dict()
         assert a.keys() == b.keys()
