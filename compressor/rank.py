@@ -74,13 +74,15 @@ def factor_bytes(m: int, n: int, rank: int, factor_bits: int | None, group_size:
     codes with one fp16 scale and one packed zero point per group (compressor.quant's format)."""
     if factor_bits is None:
         return rank * (m + n) * element_size
+    return packed_bytes(rank, n, factor_bits, group_size) + packed_bytes(m, rank, factor_bits, group_size)
 
-    def packed(rows: int, cols: int) -> int:
-        groups = quant.num_groups(cols, cols if group_size is None else group_size)
-        words = quant.packed_words(cols, factor_bits) + quant.packed_words(groups, factor_bits)
-        return rows * (4 * words + 2 * groups)
 
-    return packed(rank, n) + packed(m, rank)
+def packed_bytes(rows: int, cols: int, bits: int, group_size: int | None) -> int:
+    """Bytes of a (rows, cols) matrix in compressor.quant's packed format: b-bit codes and zero points packed into
+    int32 words per row, one fp16 scale per group of `group_size` columns (None: one group per row)."""
+    groups = quant.num_groups(cols, cols if group_size is None else group_size)
+    words = quant.packed_words(cols, bits) + quant.packed_words(groups, bits)
+    return rows * (4 * words + 2 * groups)
 
 
 def rank_for_size(m: int, n: int, size_ratio: float, factor_bits: int | None, group_size: int | None,

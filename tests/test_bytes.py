@@ -77,7 +77,7 @@ def test_report_bytes_equal_the_safetensors(tmp_path, recipe):
 
 
 @pytest.mark.parametrize("recipe,bound", [("svd-llm-int8-40", 0.6), ("svd-llm-int8-20", 0.8),
-                                          ("lowrank-sparse-50", 0.5)])
+                                          ("lowrank-sparse-50", 0.5), ("auto", 0.5)])
 def test_size_ratio_recipes_fit_their_byte_budget(tmp_path, recipe, bound):
     result, report = compress_and_save(recipe, tmp_path / "out")
     assert all(m.compressed for m in result.modules)
@@ -97,6 +97,7 @@ def test_lowrank_sparse_by_parameters_states_its_bytes(tmp_path):
     ("svd-llm-int8-40", ["factor_bits=4", "factor_group_size=null"]),
     ("lowrank-sparse-50", []),
     ("lowrank-sparse-50", ["sparsity_per=total"]),
+    ("auto", ["size_ratio=0.7"]),
 ])
 def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, overrides):
     # fp32: saving a bf16 result casts the in-memory rotary buffers too, which a reload does not (not ours to test)
@@ -106,7 +107,7 @@ def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, ove
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(logits(reloaded), expected)
     spec = next(iter(result.specs().values()))
-    assert spec["kind"] in ("lowrank_quant", "lowrank_sparse") and spec.get("format", "bitmask") == "bitmask"
+    assert spec["kind"] in ("lowrank_quant", "lowrank_sparse", "quant") and spec.get("format", "bitmask") == "bitmask"
 
     export_dense(tmp_path / "out", tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
@@ -114,3 +115,22 @@ def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, ove
     got = logits(dense)
     assert got.dtype == expected.dtype == torch.float32
     assert torch.allclose(got, expected, atol=1e-5 * expected.abs().max().item())
+
+
+def test_auto_picks_the_least_error_encoding_that_fits():
+    """Low-rank weights go to low rank, unstructured ones to GPTQ (+ EoRA with the bytes left over)."""
+    from compressor import registry
+    from compressor.stats import Stats
+
+    auto = registry.get("auto")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 64, generator=g, dtype=torch.float64)
+    stats = Stats(count=400, gram=X.T @ X)
+    low = (torch.randn(96, 6, generator=g) @ torch.randn(6, 64, generator=g))[None]
+    noise = torch.randn(1, 96, 64, generator=g)
+    options = auto.Options(size_ratio=0.6, group_size=32, dense_bits=16)
+    picked = auto.decompose(torch.cat([low, noise]), stats, options).factors
+    assert picked[0].spec()["kind"] == "lowrank"  # rank 6 is exact: no quantisation noise beats it
+    assert picked[1].spec() == {"kind": "quant", "bits": 8, "group_size": 32, "rank": 1}  # 6,912 + 320 <= 7,372 B
+    with pytest.raises(ValueError, match="no candidate"):
+        auto.decompose(noise, stats, auto.Options(size_ratio=0.1, candidates=["gptq-4bit"], dense_bits=16))

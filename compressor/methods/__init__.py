@@ -4,3 +4,4 @@ from compressor.methods import eora, rtn, svd, svd_llm  # noqa: F401
 from compressor.methods import lowrank_sparse  # noqa: F401
 from compressor.methods import asvd, gptq  # noqa: F401
 from compressor.methods import fwsvd  # noqa: F401
+from compressor.methods import auto  # noqa: F401
