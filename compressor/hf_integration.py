@@ -23,10 +23,16 @@ Without lrc, `AutoConfig` refuses an unknown model type with an error quoting it
 `LrcModelConfig` (registered under `MODEL_TYPE`) hands the dictionary back to the base architecture's config class,
 so everything downstream sees a plain LlamaConfig / Qwen2Config / ... (`mark_config` writes this, io.py calls it).
 
+A loaded model's own `save_pretrained` marks the config it writes the same way (`_save_marked`).
+
 Registration runs on import and is idempotent (a second import or a reload of this module is a no-op).
 """
 
 from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
 
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
@@ -192,12 +198,35 @@ class LrcHfQuantizer(HfQuantizer):
         replace_linears(model, self.quantization_config.modules)
         return model
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # The loaded config is the base architecture's (LlamaConfig, ...), whose save writes its own model_type:
+        # this model's own save_pretrained (push_to_hub and Trainer go through it) marks the copy it writes.
+        model.save_pretrained = functools.partial(_save_marked, model)
+        return model
+
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _save_marked(model, save_directory, *args, **kwargs):
+    """`model.save_pretrained` of a loaded lrc model: the saved config.json gets MODEL_TYPE back (`mark_config`),
+    so the copy is as unloadable without lrc as the original, never silently random."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save an lrc model first, then upload the folder (`lrc upload` or "
+                         "huggingface_hub.upload_folder): save_pretrained(push_to_hub=True) would upload its config "
+                         "before lrc marks it")
+    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    config_file = Path(save_directory) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
+            config_file.write_text(json.dumps(mark_config(config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return result
 
 
 def register() -> None:

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from compressor import hf_integration
 from compressor.io import load_compressed
@@ -49,6 +50,11 @@ def checkpoints(tmp_path_factory):
         out = save(model, folder / arch)
         torch.save(logits(model), folder / f"{arch}.pt")
         made[arch] = out
+    # A loaded lrc model saved again with save_pretrained (a fine-tune, a Trainer checkpoint): its config is
+    # transformers' (LlamaConfig), yet the copy must be just as unloadable without lrc.
+    AutoModelForCausalLM.from_pretrained(made["llama"]).save_pretrained(folder / "resaved")
+    torch.save(torch.load(folder / "llama.pt"), folder / "resaved.pt")
+    made["resaved"] = folder / "resaved"
     torch.save(INPUT, folder / "input.pt")
     return folder, made
 
@@ -66,7 +72,7 @@ def test_plain_transformers_refuses_and_lrc_loads_identically(checkpoints):
         assert without["raised"] or without["same_logits"], result  # never silently different
         assert without["raised"] == "ValueError", result
         assert "import compressor" in without["message"] and "install lrc" in without["message"], without
-        assert result["with"] == {"same_logits": True, "class": f"{'Llama' if arch == 'llama' else 'Qwen2'}ForCausalLM"}
+        assert result["with"] == {"same_logits": True, "class": f"{'Qwen2' if arch == 'qwen2' else 'Llama'}ForCausalLM"}
 
 
 def test_config_records_the_base_architecture(checkpoints):
@@ -88,6 +94,14 @@ def test_checkpoints_from_before_the_model_type_still_load(checkpoints, tmp_path
     config["model_type"] = config["quantization_config"].pop("base_model_type")
     (old / "config.json").write_text(json.dumps(config))
     assert torch.equal(logits(load_compressed(old)), logits(load_compressed(made["llama"])))
+
+
+def test_push_to_hub_from_save_pretrained_is_refused(checkpoints, tmp_path):
+    _, made = checkpoints
+    model = AutoModelForCausalLM.from_pretrained(made["llama"])
+    with pytest.raises(ValueError, match="upload the folder"):
+        model.save_pretrained(tmp_path / "x", push_to_hub=True)
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_broken_lrc_config_is_a_clear_error(checkpoints, tmp_path):
