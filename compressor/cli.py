@@ -48,7 +48,10 @@ def _device_options(f):
 
 @app.command()
 @click.argument("model")
-@click.option("--recipe", "-r", required=True, help="built-in recipe name (lrc recipes list) or a YAML path")
+@click.option("--recipe", "-r", default=None,
+              help="built-in recipe name (lrc recipes list) or a YAML path; with --target-size alone: auto")
+@click.option("--target-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="store every targeted linear in at most this fraction of its dense bytes (sets size_ratio)")
 @click.option("--output", "-o", required=True, type=click.Path(), help="output directory (must not exist)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe field: bare method option (param_ratio=0.7) or dotted path")
@@ -71,10 +74,17 @@ def _device_options(f):
               help="stream weights from the checkpoint's safetensors one decoder layer at a time and write output "
                    "shards as layers finish: for models larger than RAM")
 @_device_options
-def compress(model, recipe, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl, eval_data,
-             eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype, trust_remote_code):
+def compress(model, recipe, target_size, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl,
+             eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype,
+             trust_remote_code):
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
     from compressor.workflow import compress_checkpoint
+
+    if recipe is None and target_size is None:
+        raise UserError("compress needs --recipe (lrc recipes list) or --target-size")
+    recipe = recipe or "auto"
+    if target_size is not None:  # first: an explicit --set size_ratio still wins
+        overrides = (f"size_ratio={target_size}", *overrides)
 
     evaluate_ppl = evaluate_ppl or eval_data is not None  # asking for evaluation data means evaluating
     extra = [f"calibration.{k}={v}" for k, v in (("nsamples", nsamples), ("seqlen", seqlen), ("seed", seed))
@@ -100,6 +110,9 @@ def _summary_table(report: dict) -> Table:
                   f"{t['model_params_after'] / t['model_params_before']:.3f}")
     table.add_row("weight bytes", f"{t['weight_bytes_before']:,}", f"{t['weight_bytes_after']:,}",
                   f"{t['weight_bytes_after'] / t['weight_bytes_before']:.3f}")
+    if t.get("target_bytes_before"):  # the targeted linears only: what size_ratio / --target-size budget
+        table.add_row("target bytes", f"{t['target_bytes_before']:,}", f"{t['target_bytes_after']:,}",
+                      f"{t['size_ratio']:.3f}")
     ppl = report.get("perplexity")
     if ppl and ppl["before"] and ppl["after"]:
         table.add_row("perplexity", f"{ppl['before']:.3f}", f"{ppl['after']:.3f}", f"{ppl['after'] / ppl['before']:.3f}")

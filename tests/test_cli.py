@@ -346,3 +346,20 @@ def test_help(command, expected):
 
 def test_version():
     assert "0.1.0" in invoke("--version")
+
+
+def test_target_size_budgets_bytes_with_auto_or_the_given_recipe(tiny_checkpoint, tmp_path):
+    from tests.helpers import one_error_line, run
+
+    result = run("compress", tiny_checkpoint, "--target-size", "0.4", "-o", tmp_path / "auto", "--no-plots",
+                 *FAST_CALIB)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["recipe"] == "auto" and report["options"]["size_ratio"] == 0.4
+    assert 0.3 < report["totals"]["size_ratio"] <= 0.4 and "target bytes" in result.output
+    result = run("compress", tiny_checkpoint, "-r", "svd-llm-int8-40", "--target-size", "0.3", "-o",
+                 tmp_path / "int8", "--no-plots", *FAST_CALIB)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "int8" / "report.json").read_text())
+    assert report["options"]["factor_bits"] == 8 and report["totals"]["size_ratio"] <= 0.3
+    one_error_line(run("compress", tiny_checkpoint, "-o", tmp_path / "none"), "--target-size")
