@@ -1,14 +1,14 @@
 """Size–quality plot: perplexity against stored bytes (size_ratio of the targeted linears) for several encodings.
 
     .venv/bin/python scripts/bench_pareto.py --model .cache/smollm2-135m-instruct-bf16 --max-windows 40
-    .venv/bin/python scripts/bench_pareto.py --from-json bench-results/quality-bytes.json   # plot earlier rows
+    .venv/bin/python scripts/bench_pareto.py --from-json bench-results/quality-bytes.json bench-results/pareto.json
 
 Every point compresses a fresh copy of the dense model with a built-in recipe (plus overrides), scores it on the
 bundled test split and records `size` (bytes after / before of the targets, from the tensors the checkpoint would
 hold — the report's `size_ratio`) and `kept` (parameters after / before). Families share a line and a marker;
 the x-axis is bytes, so methods are compared at equal size, not equal parameter count. Writes
-bench-results/pareto.json and bench-results/pareto.png. `--from-json` re-plots rows from this script or from
-`bench_quality.py` (rows with a `size`), labelled "<family> <budget>".
+bench-results/pareto.json and bench-results/pareto.png. `--from-json` re-plots (and merges) rows from this script
+or from `bench_quality.py` (rows with a `size`, labelled "<family> <budget>"); `--only` runs some families.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ POINTS = (
     + [("svd-llm+int8", "svd-llm-int8-20", [f"size_ratio={q}"]) for q in (0.8, 0.6, 0.4, 0.25)]
     + [("lowrank-sparse", "lowrank-sparse-50", [f"size_ratio={q}"]) for q in (0.5,)]
     + [("rtn", "rtn-4bit", [f"bits={b}"]) for b in (8, 4)]
+    + [("auto", "auto", [f"size_ratio={q}"]) for q in (0.6, 0.4)]
 )
 
 
@@ -85,14 +86,17 @@ def main():
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=None)
-    parser.add_argument("--only", nargs="*", help="families (substrings) of the points to run")
-    parser.add_argument("--from-json", type=Path, help="plot these rows instead of measuring")
+    parser.add_argument("--only", nargs="*", help="points to run: a family (svd-llm+int8) or a substring of "
+                                                   "'<family> <overrides>' (e.g. 'int8 size_ratio=0.4')")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="plot (and merge) these rows instead of measuring")
     parser.add_argument("--json", type=Path, default=Path("bench-results/pareto.json"))
     parser.add_argument("--png", type=Path, default=Path("bench-results/pareto.png"))
     args = parser.parse_args()
 
     if args.from_json:
-        print(plot(json.loads(args.from_json.read_text()), args.png))
+        datas = [json.loads(p.read_text()) for p in args.from_json]
+        rows = [r for i, d in enumerate(datas) for r in d["rows"] if i == 0 or r["label"] != "dense"]
+        print(plot({**datas[0], "rows": rows}, args.png))
         return
     from compressor import api
     from compressor.resources import demo_model_dir
@@ -105,7 +109,7 @@ def main():
     dense = evaluate(loaded.model)
     rows = [{"label": "dense", "ppl": dense.ppl, "size": 1.0, "kept": 1.0, "family": "dense"}]
     for family, recipe, overrides in POINTS:
-        if args.only and not any(o in family for o in args.only):
+        if args.only and not any(o == family or o in f"{family} {' '.join(overrides)}" for o in args.only):
             continue
         row = measure(loaded.model, loaded.tokenizer, recipe, overrides, calib, evaluate, loaded.storage_dtype)
         row.update(family=family, label=f"{family} {row['size']:.2f}")
