@@ -224,7 +224,8 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
                        skeleton=None, calibration_info=None, journal=None):
     """Compress `model_name` (local dir or hub id) to `out` holding one decoder layer at a time.
 
-    `report_fn(result, model, storage_dtype, (params, bytes) before) -> (report dict, report_md, extra files)`
+    `report_fn(result, model, storage_dtype, (params, bytes) before) -> (report dict, report_md, extra files)`,
+    report_md the markdown or a function of the report giving it
     adds the report to the output (compressor.workflow builds it); `skeleton`: a `load_skeleton` result already
     in hand. `journal` (compressor/journal.py): its folder is where the output is written (the shards finished
     before an interruption are kept there), and the run resumes from it. Returns (CompressionResult, output path)."""
@@ -272,7 +273,8 @@ def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, repo
     if report_fn is not None:
         result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
         report, report_md, files = report_fn(result, model)
-        extra.update({"report.json": json.dumps(report, indent=2), "report.md": report_md, **files})
+        markdown = (lambda: report_md(report)) if callable(report_md) else report_md
+        extra.update({"report.json": json.dumps(report, indent=2), "report.md": markdown, **files})
     write_checkpoint(tmp, model, modules=result.specs(), method=result.recipe.method, recipe_name=result.recipe.name,
                      tokenizer=tokenizer, extra_files=extra, written=lazy.weight_map)
     result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start

@@ -155,7 +155,7 @@ def compress_checkpoint(
     leftover is refused before any work."""
     out = Path(out)
     source_bytes = check_model_source(model_name)  # a typo'd path: one line now, not hub retries
-    check_output(out, overwrite=overwrite, expected_bytes=source_bytes)  # not after the run
+    check_output(out, overwrite=overwrite, expected_bytes=source_bytes, source=model_name)  # not after the run
     refuse_leftover(out, resume)
     recipe = load_recipe(recipe_name, overrides)
     calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
@@ -164,93 +164,82 @@ def compress_checkpoint(
             raise UserError("--eval needs the whole model in memory; with --low-memory, run `lrc eval OUT` on a "
                             "machine that holds it")
         load_texts(eval_data, split_default="test")
-    if low_memory:
-        return _compress_low_memory(model_name, recipe, out, calib_texts, device=device, dtype=dtype,
-                                    overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                    show_progress=show_progress, with_plots=with_plots, resume=resume)
     timings = {}
     t0 = time.perf_counter()
-    loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                            keep_on_cpu=True)
-    model, tok = loaded.model, loaded.tokenizer
+    if low_memory:  # decoder layers stay on disk until the runner needs them (compressor/streaming.py)
+        from compressor.streaming import compress_streaming, load_skeleton
+
+        skeleton = load_skeleton(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        model, tok, storage = skeleton.model, skeleton.tokenizer, skeleton.storage_dtype
+    else:
+        loaded = api.load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                keep_on_cpu=True)
+        model, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
     timings["load"] = time.perf_counter() - t0
     select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
-    params_before, bytes_before = count_parameters(model), state_bytes(model, loaded.storage_dtype)
+    params_before, bytes_before = count_parameters(model), state_bytes(model, storage)
     seqlen = default_eval_seqlen(model, eval_seqlen)
-    ppl_before = None
+    ppl = {}
     if evaluate_ppl:
         t0 = time.perf_counter()
-        ppl_before = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "before")
+        ppl["before"] = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "before")
         timings["eval_before"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     batches, calib_info = api.calibration_data(tok, recipe, loaded_texts=calib_texts)
     timings["calibration_data"] = time.perf_counter() - t0
-    identity = run_identity(recipe, model_name, batches, device=device, dtype=dtype, low_memory=False)
-    journal = Journal.open(out, identity, resume=resume)
-    with journal.kept_on_failure():
-        n_layers = len(find_decoder_layers(model)[1])
+    journal = Journal.open(out, run_identity(recipe, model_name, batches, device=device, dtype=dtype,
+                                             low_memory=low_memory), resume=resume)
+
+    def report_for(result, model):
+        """The report and its files, from the compressed model (one builder for both paths)."""
+        report = build_report(
+            result, model_source=model_name, params_before=params_before, params_after=count_parameters(model),
+            bytes_before=bytes_before, bytes_after=state_bytes(model, storage), ppl_before=ppl.get("before"),
+            ppl_after=ppl.get("after"), timings=_merged(timings, result.timings), device=device,
+        )
+        if result.resumed_from:
+            report["resumed_from_layer"] = result.resumed_from  # the layers before it come from the interrupted run
+        if low_memory:
+            report["low_memory"] = True
+        plots = report_plots(report) if with_plots else {}
+        return report, lambda r: _final_write(render_markdown(r, plots=list(plots))), plots
+
+    n_layers = len(find_decoder_layers(model)[1])
+    if low_memory:
         with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
-            result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=loaded.storage_dtype,
+            _, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
+                                         overwrite=overwrite, progress=advance, calibration_info=calib_info,
+                                         report_fn=lambda result, model, *_: report_for(result, model),
+                                         skeleton=skeleton, journal=journal)
+        return json.loads((path / "report.json").read_text(encoding="utf-8"))
+    with journal.kept_on_failure():
+        with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
+            result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
                                   progress=advance, journal=journal)
         result.calibration = calib_info
-        timings.update(result.timings)
-        ppl_after = None
         if evaluate_ppl:
             t0 = time.perf_counter()
-            ppl_after = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "after")
+            ppl["after"] = _eval(model, tok, eval_data, seqlen, device, eval_max_windows, show_progress, "after")
             timings["eval_after"] = time.perf_counter() - t0
-        report = _with_resume(build_report(
-            result, model_source=model_name, params_before=params_before, params_after=count_parameters(model),
-            bytes_before=bytes_before, bytes_after=state_bytes(model, loaded.storage_dtype), ppl_before=ppl_before,
-            ppl_after=ppl_after, timings=timings, device=device,
-        ), result)
-        plots = report_plots(report) if with_plots else {}
-        markdown = lambda r: _final_write(render_markdown(r, plots=list(plots)))  # noqa: E731
+        report, markdown, plots = report_for(result, model)
         result.save(out, tokenizer=tok, report=report, report_md=markdown, overwrite=overwrite, extra_files=plots)
     journal.discard()
     return report
 
 
-def _with_resume(report: dict, result) -> dict:
-    if result.resumed_from:
-        report["resumed_from_layer"] = result.resumed_from  # the layers before it come from the interrupted run
-    return report
+def _merged(workflow: dict, compression: dict) -> dict:
+    """One timings table: what the workflow measured around compress() and what compress() measured inside (both
+    may count loading: a --low-memory run loads each layer during the compression)."""
+    merged = {**workflow, **compression}
+    if "load" in workflow and "load" in compression:
+        merged["load"] = workflow["load"] + compression["load"]
+    return merged
 
 
 def _final_write(text):
     """Called while the output is written (weights on disk, not yet renamed into place): a fault point."""
     fault("final-write")
     return text
-
-
-def _compress_low_memory(model_name, recipe, out, calib_texts, *, device, dtype, overwrite, trust_remote_code,
-                         show_progress, with_plots, resume=False) -> dict:
-    """compress_checkpoint with weights streamed from disk one decoder layer at a time (compressor/streaming.py)."""
-    from compressor.streaming import compress_streaming, load_skeleton
-
-    def report_fn(result, model, storage, before):
-        result.timings["calibration_data"] = calibration_seconds
-        report = _with_resume(build_report(
-            result, model_source=model_name, params_before=before[0], params_after=count_parameters(model),
-            bytes_before=before[1], bytes_after=state_bytes(model, storage), timings=result.timings, device=device,
-        ), result)
-        report["low_memory"] = True
-        plots = report_plots(report) if with_plots else {}
-        return report, render_markdown(report, plots=list(plots)), plots
-
-    skeleton = load_skeleton(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    select_targets(skeleton.model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails early
-    t0 = time.perf_counter()
-    batches, calib_info = api.calibration_data(skeleton.tokenizer, recipe, loaded_texts=calib_texts)
-    calibration_seconds = time.perf_counter() - t0
-    identity = run_identity(recipe, model_name, batches, device=device, dtype=dtype, low_memory=True)
-    journal = Journal.open(out, identity, resume=resume)
-    with layer_progress(f"{recipe.name}: layers", skeleton.n_layers, show_progress) as advance:
-        result, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
-                                          overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                          progress=advance, report_fn=report_fn, calibration_info=calib_info,
-                                          skeleton=skeleton, journal=journal)
-    return json.loads((path / "report.json").read_text(encoding="utf-8"))
 
 
 def evaluate_checkpoint(model_name: str, *, data=None, seqlen=None, device="cpu", dtype="auto", batch_size=4,
