@@ -231,7 +231,8 @@ def export(out, dense, quantized_adapter, output, overwrite):
 
     # Before loading anything: writable, allowed (--overwrite), room for it. The adapter export has its own rules
     # for an existing destination (a previous export may be replaced) and checks them itself, also first.
-    check_output(output, overwrite=overwrite, expected_bytes=export_bytes(out, dense=dense), destination_rules=dense)
+    check_output(output, overwrite=overwrite, expected_bytes=export_bytes(out, dense=dense), destination_rules=dense,
+                 source=out)
     if dense:
         from compressor.export import export_dense
 

@@ -133,10 +133,15 @@ def export_bytes(src, *, dense: bool) -> int:
 
 # --------------------------------------------------------------------------------------------- the output directory
 
-def check_output(out, *, overwrite: bool, expected_bytes: int | None = None, destination_rules: bool = True) -> None:
+def check_output(out, *, overwrite: bool, expected_bytes: int | None = None, destination_rules: bool = True,
+                 source=None) -> None:
     """Everything about `out` that can fail after the work, checked before it. `destination_rules`: also apply the
-    writer's exists/`--overwrite` rules (off for callers with their own, like the adapter export)."""
+    writer's exists/`--overwrite` rules (off for callers with their own, like the adapter export). `source`: the
+    checkpoint being read, which `--overwrite` must never replace."""
     out = Path(out)
+    source = Path(source).expanduser() if source is not None else None
+    if source is not None and source.exists() and source.resolve() == out.resolve():
+        raise UserError(f"the output is the model being read: {out} (choose another output directory)")
     if destination_rules:
         check_destination(out, overwrite)
     parent = _existing_ancestor(out.parent)

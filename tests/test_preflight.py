@@ -143,7 +143,9 @@ def test_output_rules(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="exists"):
         check_output(tmp_path / "ckpt", overwrite=False)
-    check_output(tmp_path / "ckpt", overwrite=True)  # a checkpoint may be replaced
+    check_output(tmp_path / "ckpt", overwrite=True)  # a checkpoint may be replaced ...
+    with pytest.raises(UserError, match="the output is the model being read"):  # ... unless it is the input
+        check_output(tmp_path / "ckpt", overwrite=True, source=str(tmp_path / "ckpt" / "." ))
     check_output(tmp_path / "out", overwrite=False, expected_bytes=1)
     with pytest.raises(UserError, match="not enough disk space"):
         check_output(tmp_path / "out", overwrite=False, expected_bytes=2**60)
