@@ -169,6 +169,9 @@ def test_eval_of_the_output_reproduces_the_reported_perplexity(compressed):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["windows"] == 10 and result["seqlen"] == report["perplexity"]["seqlen"]
     assert result["ppl"] == pytest.approx(report["perplexity"]["after"], rel=1e-4)
+    # piped: one progress line per batch of windows (default batch size 4), with rate and elapsed time
+    assert [line.split(",")[0] for line in proc.stderr.splitlines()] == [
+        f"perplexity: windows {n}/10" for n in (4, 8, 10)], proc.stderr
 
 
 def test_checkpoint_is_smaller_in_proportion_to_the_parameter_cut(compressed, tiny_checkpoint):
