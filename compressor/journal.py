@@ -35,13 +35,17 @@ from compressor.errors import UserError, out_of_space
 JOURNAL_NAME = "journal.json"
 FORMAT = 1
 # Fault injection for the crash tests (tests/test_resume_cli.py): LRC_FAULT=<point> kills this process with SIGKILL
-# when the run reaches that point ("before-layers", "after-layer:N", "final-write"). Unset in normal use.
+# when the run reaches that point ("before-layers", "after-layer:N", "final-write"); LRC_FAULT=SIGINT@<point> sends
+# it a SIGINT there instead (a Ctrl-C). Unset in normal use.
 FAULT_ENV = "LRC_FAULT"
 
 
 def fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    if wanted == f"SIGINT@{point}":
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def refuse_leftover(out, resume: bool) -> None:
@@ -112,7 +116,6 @@ class Journal:
         folder.mkdir(parents=True)
         journal = cls(folder, identity)
         journal._write_entry({"format": FORMAT, "identity": identity, "done": 0, "stream": None, "state": {}})
-        fault("before-layers")
         return journal
 
     @property
@@ -126,17 +129,23 @@ class Journal:
         try:
             yield self
         except BaseException as exc:
+            if getattr(exc, "lrc_journal", False):  # an inner guard of this journal has handled it
+                raise
             full = out_of_space(exc, self.folder)
             if self.done == 0:
                 self.discard()
                 if full is not None:
+                    full.lrc_journal = True
                     raise full from None
+                exc.lrc_journal = True
                 raise
             hint = (f"the {self.done} finished decoder layers are kept in {self.folder}: rerun the same command "
                     "with --resume to finish")
             if isinstance(exc, UserError) or full is not None:
-                raise UserError(f"{full or exc} ({hint})") from None
-            exc.lrc_hint = hint  # the CLI prints it (see cli._App)
+                error = UserError(f"{full or exc} ({hint})")
+                error.lrc_journal = True
+                raise error from None
+            exc.lrc_hint, exc.lrc_journal = hint, True  # the CLI prints the hint (see cli._App)
             raise
 
     def resumed(self) -> Resumed | None:

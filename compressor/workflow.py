@@ -205,14 +205,15 @@ def compress_checkpoint(
         return report, lambda r: _final_write(render_markdown(r, plots=list(plots))), plots
 
     n_layers = len(find_decoder_layers(model)[1])
-    if low_memory:
-        with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
-            _, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
-                                         overwrite=overwrite, progress=advance, calibration_info=calib_info,
-                                         report_fn=lambda result, model, *_: report_for(result, model),
-                                         skeleton=skeleton, journal=journal)
-        return json.loads((path / "report.json").read_text(encoding="utf-8"))
     with journal.kept_on_failure():
+        fault("before-layers")
+        if low_memory:
+            with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
+                _, path = compress_streaming(model_name, recipe, out, batches=batches, device=device, dtype=dtype,
+                                             overwrite=overwrite, progress=advance, calibration_info=calib_info,
+                                             report_fn=lambda result, model, *_: report_for(result, model),
+                                             skeleton=skeleton, journal=journal)
+            return json.loads((path / "report.json").read_text(encoding="utf-8"))
         with layer_progress(f"{recipe.name}: layers", n_layers, show_progress) as advance:
             result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
                                   progress=advance, journal=journal)

@@ -104,3 +104,17 @@ def test_resuming_with_another_recipe_is_refused(runs, tiny_checkpoint, tmp_path
     assert "cannot resume" in proc.stderr and "recipe" in proc.stderr
     assert (tmp_path / ".out.partial" / "journal.json").is_file()  # kept for a correct --resume
     assert os.environ.get("LRC_FAULT") is None
+
+
+def test_ctrl_c_keeps_a_resumable_journal_or_nothing_and_says_which(tiny_checkpoint, tmp_path):  # noqa: F811
+    outs = {point: tmp_path / point.replace(":", "-") / "out" for point in ("before-layers", "after-layer:1")}
+    for out in outs.values():
+        out.parent.mkdir()
+    procs = _parallel([lambda p=p: _lrc(tiny_checkpoint, outs[p], fault=f"SIGINT@{p}") for p in outs])
+    early, mid = procs
+    assert early.returncode == 130 and early.stderr.rstrip().endswith("interrupted; nothing was written"), early.stderr
+    assert leftovers(outs["before-layers"]) == [] and not outs["before-layers"].exists()
+    assert mid.returncode == 130 and "Traceback" not in mid.stderr, mid.stderr
+    last = mid.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("interrupted; the 1 finished decoder layers are kept in") and "--resume" in last, last
+    assert leftovers(outs["after-layer:1"]) == [".out.partial"] and not outs["after-layer:1"].exists()
