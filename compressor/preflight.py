@@ -141,7 +141,7 @@ def check_output(out, *, overwrite: bool, expected_bytes: int | None = None, des
     out = Path(out)
     source = Path(source).expanduser() if source is not None else None
     if source is not None and source.exists() and source.resolve() == out.resolve():
-        raise UserError(f"the output is the model being read: {out} (choose another output directory)")
+        raise UserError(f"the output is the source checkpoint itself: {out} (choose another output directory)")
     if destination_rules:
         check_destination(out, overwrite)
     parent = _existing_ancestor(out.parent)

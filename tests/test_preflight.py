@@ -144,7 +144,7 @@ def test_output_rules(tmp_path):
     with pytest.raises(UserError, match="exists"):
         check_output(tmp_path / "ckpt", overwrite=False)
     check_output(tmp_path / "ckpt", overwrite=True)  # a checkpoint may be replaced ...
-    with pytest.raises(UserError, match="the output is the model being read"):  # ... unless it is the input
+    with pytest.raises(UserError, match="the output is the source checkpoint itself"):  # ... unless it is the input
         check_output(tmp_path / "ckpt", overwrite=True, source=str(tmp_path / "ckpt" / "." ))
     check_output(tmp_path / "out", overwrite=False, expected_bytes=1)
     with pytest.raises(UserError, match="not enough disk space"):
