@@ -56,7 +56,7 @@ def test_whitening_keeps_a_real_llm_usable_where_plain_svd_destroys_it(smol):
 
 def test_eora_recovers_most_of_the_4bit_gap(smol):
     dense, ppl = smol
-    rtn, eora = ppl("rtn-4bit"), ppl("eora-4bit")  # reference 53.3 and 44.3
+    rtn, eora = ppl("rtn-4bit"), ppl("eora-4bit")  # reference 53.3 and 44.3, at 0.26× / 0.45× the bf16 bytes
     assert eora < rtn
     assert eora - dense < 0.5 * (rtn - dense)
 
