@@ -26,3 +26,17 @@ def one_error_line(result, text: str):
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert text in result.stderr, result.stderr
+
+
+def chunk_fisher_reference(model, ids, name: str, chunk: int):
+    """Whole-model autograd of HF's own loss per chunk of `chunk` windows of `ids`: the squared gradients of
+    `name`'s weight, summed over chunks (fp64) — what collect_fisher must equal."""
+    import torch
+
+    W = model.get_submodule(name).weight
+    sq = torch.zeros_like(W, dtype=torch.float64)
+    for s in range(0, ids.shape[0], chunk):
+        loss = model(input_ids=ids[s : s + chunk], labels=ids[s : s + chunk], use_cache=False).loss
+        (grad,) = torch.autograd.grad(loss, W)
+        sq += grad.double().square()
+    return sq

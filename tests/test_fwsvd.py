@@ -18,6 +18,7 @@ from compressor.fisher import collect_fisher
 from compressor.modules import LowRankLinear
 from compressor.recipe import load_recipe
 from compressor.stats import Stats
+from tests.helpers import chunk_fisher_reference
 
 from conftest import TINY_SIZES
 
@@ -137,11 +138,7 @@ def test_layerwise_fisher_matches_whole_model_autograd_and_leaves_no_trace(tiny_
     reference = tiny_model(arch, tie=tie).eval()
     for name in (target, other):
         W = reference.get_submodule(name).weight
-        sq = torch.zeros_like(W, dtype=torch.float64)
-        for s in range(0, 5, 2):
-            loss = reference(input_ids=batches[s : s + 2], labels=batches[s : s + 2], use_cache=False).loss
-            (grad,) = torch.autograd.grad(loss, W)
-            sq += grad.double().square()
+        sq = chunk_fisher_reference(reference, batches, name, chunk=2)
         assert fisher[name].out.dtype == torch.float64 and fisher[name].out.shape == (W.shape[0],)
         assert torch.allclose(fisher[name].out, sq.sum(1), rtol=1e-5, atol=0)
         assert torch.allclose(fisher[name].in_, sq.sum(0), rtol=1e-5, atol=0)

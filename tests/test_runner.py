@@ -9,6 +9,7 @@ from compressor.fisher import collect_fisher
 from compressor.sequential import LayerCalls, capture_layer_calls, hidden_of, run_sequential
 from compressor.stats import StatsCollector
 from compressor.targets import find_decoder_layers, select_targets
+from tests.helpers import chunk_fisher_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,10 +76,5 @@ def test_fisher_pass_on_mixed_attention_matches_whole_model_autograd(tiny_model,
     names = ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
     fisher = collect_fisher(model, ids, names, batch_size=2)
     for name in names:
-        W = model.get_submodule(name).weight
-        sq = torch.zeros_like(W, dtype=torch.float64)
-        for s in range(0, 4, 2):
-            loss = model(input_ids=ids[s : s + 2], labels=ids[s : s + 2], use_cache=False).loss
-            (grad,) = torch.autograd.grad(loss, W)
-            sq += grad.double().square()
+        sq = chunk_fisher_reference(model, ids, name, chunk=2)
         torch.testing.assert_close(fisher[name].out, sq.sum(1), rtol=1e-5, atol=0, msg=name)
