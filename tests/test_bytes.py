@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import compressor
+from compressor.errors import UserError
 from compressor.export import export_dense
 from compressor.recipe import load_recipe
 from compressor.report import build_report, count_parameters, render_markdown, state_bytes
@@ -132,5 +133,5 @@ def test_auto_picks_the_least_error_encoding_that_fits():
     picked = auto.decompose(torch.cat([low, noise]), stats, options).factors
     assert picked[0].spec()["kind"] == "lowrank"  # rank 6 is exact: no quantisation noise beats it
     assert picked[1].spec() == {"kind": "quant", "bits": 8, "group_size": 32, "rank": 1}  # 6,912 + 320 <= 7,372 B
-    with pytest.raises(ValueError, match="no candidate"):
+    with pytest.raises(UserError, match="no candidate"):
         auto.decompose(noise, stats, auto.Options(size_ratio=0.1, candidates=["gptq-4bit"], dense_bits=16))

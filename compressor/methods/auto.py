@@ -9,8 +9,8 @@ candidate encoding that fits D is built and scored by its output error on the ca
 - `gptq-8bit`, `gptq-4bit`: GPTQ with `group_size` columns per scale (≈ 0.51× / 0.26× of bf16 bytes);
 - `gptq-8bit+eora`, `gptq-4bit+eora`: that base plus an EoRA residual (whitened truncation of W − Q) of the
                     rank the rest of D pays for, in the output dtype.
-When no candidate fits (D below every encoding's floor) the method raises: a budget lrc cannot meet is an error,
-never a silent overshoot.
+When no candidate fits (D below every encoding's floor) the method raises a UserError: a budget lrc cannot meet
+is the user's one-line error, never a silent overshoot.
 
 One whitening and one SVD of W S per target serve every low-rank candidate (each rank is a truncation of it).
 Cost: a few GPTQ passes per target (column loops: seconds per layer of a 135M model on a CPU).
@@ -26,6 +26,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.errors import UserError
 from compressor.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR
 from compressor.methods.factor_quant import quantize_lowrank
@@ -100,8 +101,8 @@ def decompose(W: torch.Tensor, stats, options: AutoOptions, rank=None) -> Decomp
     for w in W:
         found = candidates(w, stats, white, options)
         if not found:
-            raise ValueError(f"auto: no candidate in {list(options.candidates)} fits size_ratio "
-                             f"{options.size_ratio} of a {tuple(w.shape)} weight")
+            raise UserError(f"auto: no candidate in {list(options.candidates)} fits size_ratio "
+                            f"{options.size_ratio} of a {tuple(w.shape)} weight; raise size_ratio")
         W64 = w.to(torch.float64)
         out.append(min(found, key=lambda item: _error(W64, item[1].dense().to(W64.device), G))[1])
     return Decomposition(out, clamped_eigenvalues=white.clamped * W.shape[0])
