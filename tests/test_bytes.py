@@ -110,6 +110,10 @@ def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, ove
     spec = next(iter(result.specs().values()))
     assert spec["kind"] in ("lowrank_quant", "lowrank_sparse", "quant") and spec.get("format", "bitmask") == "bitmask"
 
+    half = compressor.load_compressed(tmp_path / "out", dtype=torch.bfloat16)  # packed scales stay fp16
+    assert all(t.dtype == torch.float16 for k, t in half.state_dict().items() if k.endswith("scales"))
+    assert torch.isfinite(logits(half).float()).all()
+
     export_dense(tmp_path / "out", tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     assert not hasattr(dense.config, "quantization_config")
