@@ -143,9 +143,6 @@ def sparse_index_dtype(size: int) -> torch.dtype:
     return torch.int16 if size - 1 <= torch.iinfo(torch.int16).max else torch.int32
 
 
-SPARSE_FORMATS = ("indices", "bitmask")
-
-
 def sparse_format_bytes(fmt: str, m: int, n: int, nnz: int, per_row: bool) -> int:
     """Bytes the sparse part's *positions* take (its values not included): int16/int32 column indices (row mode),
     (row, col) index pairs (total mode), or a bitmask of m·⌈n/8⌉ bytes that does not grow with nnz."""
