@@ -41,7 +41,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compressor.modules import empty_module
+from compressor.modules import empty_module, prepare_inference
 
 QUANT_METHOD = "lrc"
 # What plain transformers prints when it meets an lrc checkpoint ("has model type `...` but Transformers does not
@@ -202,6 +202,7 @@ class LrcHfQuantizer(HfQuantizer):
         # The loaded config is the base architecture's (LlamaConfig, ...), whose save writes its own model_type:
         # this model's own save_pretrained (push_to_hub and Trainer go through it) marks the copy it writes.
         model.save_pretrained = functools.partial(_save_marked, model)
+        prepare_inference(model)  # stored codes -> packed kernel layouts, once (compressor/kernels.py)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -18,10 +18,12 @@ fp16 `*scales` of the packed formats, which stay fp16 (compressor.report.stored_
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from compressor import quant
+from compressor import kernels, quant
 from compressor.factors import (LowRank, LowRankSparse, QuantLowRank, Quantized, factor_group_size, sparse_index_dtype,
                                 unpack_mask)
 
@@ -64,15 +66,47 @@ class QuantLinear(nn.Module):
         if rank:
             self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
             self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
+        # The stored codes in a packed kernel's layout (compressor/kernels.py): derived, never saved (not a buffer).
+        # use_kernel False: always the exact dequantise path (the fp32 reference the kernels are tested against).
+        self._packed: kernels.Packed | None = None
+        self._fallback = False
+        self.use_kernel = True
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not touch the fp16 scales (part of the packed format): a round trip through
         # bf16 would round them. Keep the originals and follow only the device change.
-        scales = self.scales
+        scales, device = self.scales, self.qweight.device
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float16:
             self.scales = scales.to(self.scales.device)
+        if self.qweight.device != device:  # the kernels' layouts differ per device: converted again on next forward
+            self._packed, self._fallback = None, False
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None  # new codes: the kernel layout is converted again from them
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def prepare(self) -> str:
+        """Convert the stored codes to a packed kernel's layout on their device, once (done at load time and again
+        after a device change). Returns the path forward() takes: "int4", "int8", or "dequantize" (the per-forward
+        fallback for layouts torch has no kernel for, e.g. 3-bit; warned about once per layout)."""
+        if self._packed is not None:
+            return self._packed.kind
+        device = self.qweight.device
+        reason = kernels.fallback_reason(self.bits, self.group_size, self.in_features, self.out_features, device)
+        if reason is None:
+            self._packed = kernels.pack(self.qweight, self.qzeros, self.scales, self.bits, self.group_size,
+                                        self.in_features, device)
+            return self._packed.kind
+        warnings.warn(f"QuantLinear: {reason}; these layers dequantise their weight on every forward (slow)",
+                      stacklevel=2)
+        self._fallback = True
+        return "dequantize"
+
+    def kernel_bytes(self) -> int:
+        """Bytes of the kernel-layout copy held next to the stored codes (0 on the fallback path)."""
+        return self._packed.nbytes() if self._packed is not None else 0
 
     def dequantized_weight(self) -> torch.Tensor:
         q = quant.unpack(self.qweight, self.bits, self.in_features)
@@ -88,10 +122,29 @@ class QuantLinear(nn.Module):
         return [self.lora_A.weight, self.lora_B.weight] if self.rank else []
 
     def forward(self, x):
-        y = nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        # The packed kernels have no backward: with gradients flowing through x (block refinement of an earlier
+        # module), and on layouts without a kernel, the weight is dequantised per forward.
+        kernel = self.use_kernel and not (torch.is_grad_enabled() and x.requires_grad) and not self._fallback
+        if kernel and (self._packed is None or self._packed.weight.device != x.device):
+            kernel = self.prepare() != "dequantize"
+        if kernel:
+            y = kernels.matmul(x, self._packed)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        else:
+            y = self.dequantized_forward(x)
         if self.rank:
             y = y + self.lora_B(self.lora_A(x))
         return y
+
+    def dequantized_forward(self, x):
+        """x·dequant(W)ᵀ + bias without a kernel, dequantising a block of output rows at a time so the temporaries
+        stay under half the dense layer's bytes."""
+        rows = kernels.fallback_rows(self.in_features, self.out_features, self.bits, x.element_size())
+        parts = [nn.functional.linear(x, w.to(x.dtype)) for _, w in kernels.dequantized_chunks(
+            self.qweight, self.qzeros, self.scales, self.bits, self.group_size, self.in_features, rows)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def spec(self) -> dict:
         spec = {"kind": "quant", "bits": self.bits, "group_size": self.group_size}
@@ -255,6 +308,20 @@ def stored_bytes(module: nn.Module, float_dtype: torch.dtype | None = None) -> i
             size = torch.empty((), dtype=float_dtype).element_size()
         total += t.numel() * size
     return total
+
+
+def prepare_inference(model: nn.Module, *, use_kernels: bool = True) -> dict[str, int]:
+    """Load-time conversion for fast forwards: each QuantLinear's codes to a packed kernel's layout (or its
+    fallback, warned about once). Changes no stored tensor. `use_kernels=False`: every QuantLinear takes the exact
+    per-forward dequantise path instead (the reference; slow). Returns {path: module count}."""
+    paths: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.use_kernel = use_kernels
+            module._packed = module._packed if use_kernels else None
+            path = module.prepare() if use_kernels else "dequantize"
+            paths[path] = paths.get(path, 0) + 1
+    return paths
 
 
 COMPRESSED_MODULES = (LowRankLinear, QuantLinear, LowRankSparseLinear, QuantLowRankLinear)

@@ -58,9 +58,10 @@ def eora(tmp_path_factory, tiny_model, calib_ids) -> tuple[Path, Path]:
 
 def _lrc_logits(out: Path, *, without_residual: bool = False) -> torch.Tensor:
     from compressor.io import load_compressed
-    from compressor.modules import QuantLinear
+    from compressor.modules import QuantLinear, prepare_inference
 
     model = load_compressed(out)
+    prepare_inference(model, use_kernels=False)  # lrc's exact fp32 maths (the kernels round activations to bf16)
     if without_residual:
         with torch.no_grad():
             for m in model.modules():

@@ -1,0 +1,137 @@
+"""Packed low-bit matmuls on torch's own kernels, and the one-time conversion of lrc's stored layout to theirs.
+
+lrc stores b-bit codes q ∈ [0, 2^b) packed in int32 words with one fp16 scale s and one integer zero point z per
+group of input columns: w = (q − z)·s (compressor/quant.py). torch ships two packed kernels:
+
+- int4 (gpt-fast's "tinygemm" layout): `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA) compute
+  x·Wᵀ with w = (q − 8)·s + z' per group, from `scales_and_zeros` (K/g, N, 2) = [s, z']. So z' = (8 − z)·s, exact
+  in fp32 (a 4-bit integer times an fp16). The kernel's group g must be 32, 64, 128 or 256 and divide K: lrc's
+  group G is re-expressed as groups of g | gcd(G, K) with repeated scales (same weights; G = 128 on K = 576 → g =
+  64), so ragged last groups need no padding. N must be a multiple of 16 on CPU (8 on CUDA).
+- int8 per output channel: `_weight_int8pack_mm(x, w int8 (N, K), s (N,))` = x·(w·s)ᵀ. With one group per row,
+  (q − z)·s = (q − 128)·s + (128 − z)·s, so y = int8mm(x, q − 128, s) + (Σₖ x) ⊗ (128 − z)·s.
+
+Measured on torch 2.13's CPU build (x86 with avx512_bf16): both kernels are vectorised for bfloat16 activations
+only — fp32 and fp16 inputs take a scalar loop 30–100× slower than a dense fp32 GEMM. On CPU the activations are
+therefore cast to bf16 for the kernel and the output cast back (relative rounding 2⁻⁹ per activation, far inside a
+4-bit weight's error; tests/test_kernels.py bounds it). The CUDA kernel takes bf16 as well.
+
+Everything else (3-, 5-, 6-, 7-bit, 2-bit, grouped 8-bit, shapes a kernel refuses) has no kernel: the caller keeps its
+dequantise-per-forward path and `fallback_reason` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor import quant
+
+INT4_GROUPS = (256, 128, 64, 32)
+
+
+@dataclass
+class Packed:
+    """One linear's weight in a kernel's layout, for one device. `weight`: int4 packed (CPU uint8 (N, K/2); CUDA
+    int32 tiles) or int8 (N, K); `scales`: int4 scales_and_zeros (K/g, N, 2) or int8 (N,) scales, in the kernel's
+    activation dtype (bf16: the kernels take no other); `offset`: int8 only, (N,) fp32 (128 − z)·s."""
+
+    kind: str
+    weight: torch.Tensor
+    scales: torch.Tensor
+    group: int
+    offset: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = [self.weight, self.scales] + ([self.offset] if self.offset is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _int4_group(group_size: int, in_features: int) -> int | None:
+    return next((g for g in INT4_GROUPS if group_size % g == 0 and in_features % g == 0), None)
+
+
+def fallback_reason(bits: int, group_size: int, in_features: int, out_features: int, device) -> str | None:
+    """Why torch has no packed kernel for this layout on `device` (None: it has one)."""
+    cuda = torch.device(device).type == "cuda"
+    if torch.device(device).type not in ("cpu", "cuda"):
+        return f"no packed kernel on {torch.device(device).type}"
+    if bits == 4:
+        if _int4_group(group_size, in_features) is None:
+            return (f"int4 kernels need a group of 32/64/128/256 columns dividing in_features; group_size "
+                    f"{group_size}, in_features {in_features}")
+        if out_features % (8 if cuda else 16):
+            return f"int4 kernel needs out_features divisible by {8 if cuda else 16}, got {out_features}"
+        if cuda and in_features % 32:
+            return f"CUDA int4 kernel needs in_features divisible by 32, got {in_features}"
+        return None
+    if bits == 8:
+        if quant.num_groups(in_features, group_size) != 1:
+            return "the int8 kernel takes one scale per output channel; this layout has several groups per row"
+        return None
+    return f"torch has no {bits}-bit packed kernel"
+
+
+@torch.no_grad()
+def pack(qweight, qzeros, scales, bits: int, group_size: int, in_features: int, device) -> Packed:
+    """lrc's (qweight, qzeros, scales) → the kernel layout on `device`, once. Raises ValueError where
+    `fallback_reason` is not None."""
+    out_features = qweight.shape[0]
+    reason = fallback_reason(bits, group_size, in_features, out_features, device)
+    if reason:
+        raise ValueError(reason)
+    device = torch.device(device)
+    groups = scales.shape[1]
+    q = quant.unpack(qweight.to(device), bits, in_features)  # (N, K) int32
+    z = quant.unpack(qzeros.to(device), bits, groups).float()  # (N, groups)
+    s = scales.to(device).float()
+    if bits == 8:
+        weight = (q - 128).to(torch.int8)
+        return Packed("int8", weight, s[:, 0].to(torch.bfloat16), in_features, ((128 - z) * s)[:, 0].contiguous())
+    g = _int4_group(group_size, in_features)
+    rep = group_size // g
+    k_groups = in_features // g
+    s4 = s.repeat_interleave(rep, dim=1)[:, :k_groups]
+    z4 = ((8 - z) * s).repeat_interleave(rep, dim=1)[:, :k_groups]
+    scales_and_zeros = torch.stack([s4, z4], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    if device.type == "cuda":
+        tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        weight = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
+    else:
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+    return Packed("int4", weight, scales_and_zeros, g)
+
+
+def matmul(x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """x (..., K) · Wᵀ → (..., N) in x's dtype, on the packed kernel (activations in bf16)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xb = x2.to(torch.bfloat16)
+    if packed.kind == "int8":
+        y = torch.ops.aten._weight_int8pack_mm(xb, packed.weight, packed.scales).to(x.dtype)
+        y = y + x2.float().sum(-1, keepdim=True).mul(packed.offset).to(x.dtype)  # the zero points' share
+    elif xb.is_cuda:
+        y = torch.ops.aten._weight_int4pack_mm(xb, packed.weight, packed.group, packed.scales).to(x.dtype)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed.weight, packed.group, packed.scales).to(x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def dequantized_chunks(qweight, qzeros, scales, bits: int, group_size: int, in_features: int, rows: int):
+    """Yield (row slice, dequantised fp32 rows) of at most `rows` output rows: the fallback's bounded-memory walk."""
+    groups = scales.shape[1]
+    for r0 in range(0, qweight.shape[0], rows):
+        sl = slice(r0, r0 + rows)
+        q = quant.unpack(qweight[sl], bits, in_features)
+        z = quant.unpack(qzeros[sl], bits, groups)
+        yield sl, quant.dequantize(q, scales[sl], z, group_size)
+
+
+def fallback_rows(in_features: int, out_features: int, bits: int, element_size: int) -> int:
+    """Output rows per dequantised chunk, so that a chunk's temporaries (about 24 bytes per weight: int64 unpack,
+    int32 codes, fp32 weights and the repeated scales/zeros; 8 bytes per bit more for the bit-stream unpack of
+    widths that do not divide 32) stay under half the dense layer's bytes (`element_size` per weight)."""
+    temp = 24 if 32 % bits == 0 else 8 * bits + 16
+    return max(16, min(out_features, out_features * element_size // (2 * temp)))

@@ -1,0 +1,168 @@
+"""Packed kernels (compressor/kernels.py) and the compressed modules' fast forward paths.
+
+Tolerances: torch's CPU int4/int8 kernels take bf16 activations, scales and zeros only, and return bf16. A
+reference that rounds exactly those to bf16, multiplies in fp64 and rounds the product to bf16 must match the kernel
+to one bf16 ulp (measured: bit for bit): that proves the layout conversion (zero points z' = (8 − z)·s, group
+re-expression, int8 offsets) exact. Against lrc's fp32 dequantise path the difference is only those roundings:
+each rounded value is off by at most 2⁻⁹ relative (bf16's unit roundoff), and four enter each output (x, s, z', y),
+so the output's relative error is below 4·2⁻⁹ ≈ 7.8e-3 (measured 2–3e-3 on random data).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from compressor import kernels, quant
+from compressor.factors import LowRank, Quantized
+from compressor.modules import QuantLinear, module_from_factors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BF16_TOL = 4 * 2**-9
+
+
+def _quantized(m, n, bits, group_size, seed=0, rank=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g)
+    s, z = quant.rtn_params(W, bits, group_size, False)
+    q = quant.quantize(W, s, z, bits, group_size)
+    residual = LowRank(torch.randn(rank, n, generator=g) * 0.1, torch.randn(m, rank, generator=g) * 0.1) if rank else None
+    return Quantized.from_codes(q, s, z, bits, group_size, residual)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _bf16_reference(x, factors: Quantized, packed: kernels.Packed):
+    """The kernel's product with exactly its roundings: x, scales and zeros to bf16, fp64 products, bf16 result;
+    int8: plus the zero points' offset term in fp32."""
+    n = factors.in_features
+    q = quant.unpack(factors.qweight, factors.bits, n).double()
+    xb = x.to(torch.bfloat16).double()
+    if packed.kind == "int8":
+        product = xb @ ((q - 128) * packed.scales.double()[:, None]).T
+        return product.to(torch.bfloat16).float() + x.sum(-1, keepdim=True) * packed.offset
+    sz = packed.scales.double()  # (K/g, N, 2)
+    s = sz[..., 0].T.repeat_interleave(packed.group, dim=1)
+    z = sz[..., 1].T.repeat_interleave(packed.group, dim=1)
+    return (xb @ ((q - 8) * s + z).T).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("bits,group_size,n,m", [
+    (4, 128, 576, 64),   # SmolLM2's hidden size: a ragged last group of 64, re-expressed as g = 64
+    (4, 128, 256, 48),
+    (4, 32, 96, 16),
+    (4, 256, 512, 32),
+    (8, 1024, 576, 64),  # one group per row: int8 per output channel
+    (8, 96, 96, 32),
+])
+def test_packed_kernel_equals_its_bf16_reference_and_the_dequantise_path(bits, group_size, n, m):
+    factors = _quantized(m, n, bits, group_size)
+    packed = kernels.pack(factors.qweight, factors.qzeros, factors.scales, bits, group_size, n, "cpu")
+    assert packed.kind == ("int4" if bits == 4 else "int8")
+    x = torch.randn(7, n, generator=torch.Generator().manual_seed(1))
+    y = kernels.matmul(x, packed)
+    assert y.dtype == torch.float32 and y.shape == (7, m)
+    reference = _bf16_reference(x, factors, packed)
+    assert ((y - reference).abs() <= torch.finfo(torch.bfloat16).eps * reference.abs() + 1e-6).all()
+    assert _rel(y, x.double() @ factors.dequantized().double().T) < BF16_TOL
+    # batched input shapes pass through
+    assert torch.equal(kernels.matmul(x.reshape(7, 1, n), packed).reshape(7, m), y)
+
+
+@pytest.mark.parametrize("bits,group_size,n,m,why", [
+    (3, 128, 256, 32, "no 3-bit"), (4, 100, 200, 32, "32/64/128/256"), (4, 128, 256, 40, "divisible by 16"),
+    (8, 64, 256, 32, "several groups"), (2, 64, 128, 32, "no 2-bit"),
+])
+def test_layouts_without_a_kernel_say_why(bits, group_size, n, m, why):
+    reason = kernels.fallback_reason(bits, group_size, n, m, "cpu")
+    assert reason and why in reason
+    with pytest.raises(ValueError, match=why):
+        factors = _quantized(m, n, bits, group_size)
+        kernels.pack(factors.qweight, factors.qzeros, factors.scales, bits, group_size, n, "cpu")
+
+
+@pytest.mark.parametrize("bits,group_size,n,rank", [(4, 128, 192, 0), (4, 64, 128, 8), (8, 512, 128, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantlinear_kernel_path_matches_the_dequantise_path(bits, group_size, n, rank, dtype):
+    factors = _quantized(48, n, bits, group_size, rank=rank)
+    module = module_from_factors(factors, torch.randn(48), dtype).eval()
+    assert module.prepare() == ("int4" if bits == 4 else "int8")
+    x = torch.randn(2, 5, n, dtype=dtype, generator=None)
+    with torch.no_grad():
+        y = module(x)
+        ref = module.dequantized_forward(x) + (module.lora_B(module.lora_A(x)) if rank else 0)
+    assert y.dtype == dtype
+    assert _rel(y, ref) < (BF16_TOL if dtype == torch.float32 else 2 * BF16_TOL)
+    # 4-bit: half a byte per weight + bf16 scales/zeros; 8-bit: a byte + bf16 scale and fp32 offset per row
+    assert module.kernel_bytes() <= 48 * n * bits / 8 + 48 * (4 * n // 32 if bits == 4 else 6)
+
+
+def test_fallback_warns_once_and_is_chunked_exactly():
+    factors = _quantized(64, 256, 3, 128)
+    module = module_from_factors(factors, None, torch.float32).eval()
+    x = torch.randn(3, 256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        with torch.no_grad():
+            y, y2 = module(x), module(x)
+    assert len([w for w in caught if "dequantise" in str(w.message)]) == 1
+    assert "3-bit" in str(caught[0].message)
+    assert torch.equal(y, y2)
+    torch.testing.assert_close(y, x @ module.dequantized_weight().T, rtol=1e-5, atol=1e-5)
+    rows = kernels.fallback_rows(256, 64, 3, 4)
+    assert rows < 64  # several chunks: the temporaries stay under half the dense layer's bytes
+    assert rows * 256 * (8 * 3 + 16) <= 64 * 256 * 4 / 2 or rows == 16
+
+
+def test_gradients_through_x_take_the_dequantise_path():
+    module = module_from_factors(_quantized(32, 128, 4, 64), None, torch.float32)
+    x = torch.randn(4, 128, requires_grad=True)
+    module(x).sum().backward()
+    torch.testing.assert_close(x.grad, module.dequantized_weight().sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_is_unchanged_by_the_kernel_copy_and_reload_reconverts():
+    module = module_from_factors(_quantized(32, 128, 4, 64), torch.randn(32), torch.float32).eval()
+    keys = set(module.state_dict())
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        y = module(x)
+    assert set(module.state_dict()) == keys and module.kernel_bytes() > 0
+    other = module_from_factors(_quantized(32, 128, 4, 64, seed=5), torch.randn(32), torch.float32).eval()
+    with torch.no_grad():
+        other(x)  # converted from other codes first
+        other.load_state_dict(module.state_dict())
+        assert torch.equal(other(x), y)
+
+
+def test_compressed_model_save_load_same_logits(tiny_model, calib_ids, tmp_path):
+    from compressor import api
+
+    model = tiny_model("llama")
+    result = api.compress(model, "rtn-4bit", batches=calib_ids(2, 16))
+    assert all(m.prepare() == "int4" for m in model.modules() if isinstance(m, QuantLinear))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    loaded = api.load_compressed(result.save(tmp_path / "out"))
+    quant_modules = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert quant_modules and all(m._packed is not None for m in quant_modules)  # converted at load time
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits,group_size,n", [(4, 128, 512), (4, 64, 576), (8, 1024, 256)])
+def test_cuda_packed_kernels(bits, group_size, n):
+    factors = _quantized(64, n, bits, group_size)
+    module = module_from_factors(factors, None, torch.bfloat16).cuda().eval()
+    assert module.prepare() == ("int4" if bits == 4 else "int8")
+    x = torch.randn(3, n, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _rel(module(x).float(), module.dequantized_forward(x).float()) < 2 * BF16_TOL
