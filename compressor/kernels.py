@@ -22,6 +22,7 @@ dequantise-per-forward path and `fallback_reason` says why.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -135,3 +136,33 @@ def fallback_rows(in_features: int, out_features: int, bits: int, element_size: 
     widths that do not divide 32) stay under half the dense layer's bytes (`element_size` per weight)."""
     temp = 24 if 32 % bits == 0 else 8 * bits + 16
     return max(16, min(out_features, out_features * element_size // (2 * temp)))
+
+
+# LowRankSparseLinear's sparse part S (out × in, `density` of its entries kept). Measured with torch 2.13 on the
+# 2-core CPU, 1 thread, SmolLM2's shapes (576×576, 1536×576, 576×1536), fp32: a CSR product (torch.sparse.mm) is
+# 3–4× slower than the dense GEMM of the same shape at 32% density (the lowrank-sparse-50 recipe's), for every
+# batch from 1 to 2048 tokens; at 10% it is 0.7–1.3× the dense time. Below SPARSE_CSR_MAX_DENSITY the module
+# multiplies by S in CSR next to its two low-rank GEMMs; above it the fastest exact product torch offers is one dense
+# GEMM by W = B·A + S, formed once (the dense layer's speed and memory, next to the small stored factors).
+SPARSE_CSR_MAX_DENSITY = 0.05
+
+
+def sparse_path(nnz: int, out_features: int, in_features: int, device) -> str:
+    """"csr" or "merged" (see SPARSE_CSR_MAX_DENSITY); CUDA's CSR kernels pay at any density this format stores."""
+    if torch.device(device).type == "cuda":
+        return "csr"
+    return "csr" if nnz <= SPARSE_CSR_MAX_DENSITY * out_features * in_features else "merged"
+
+
+def csr(dense: torch.Tensor) -> torch.Tensor:
+    """A dense (out, in) matrix as CSR with int32 indices (torch's CSR kernels are faster with int32)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "CSR support is in beta", invariant checks
+        c = dense.to_sparse_csr()
+        return torch.sparse_csr_tensor(c.crow_indices().int(), c.col_indices().int(), c.values(), c.shape)
+
+
+def csr_linear(x: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """x (..., in) · Sᵀ for S in CSR (out, in)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return torch.sparse.mm(S, x2.T).T.reshape(*x.shape[:-1], S.shape[0])

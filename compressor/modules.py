@@ -179,6 +179,8 @@ class LowRankSparseLinear(nn.Module):
             shape, index_shape = (nnz,), (2, nnz)
             index_dtype = sparse_index_dtype(max(in_features, out_features))
         self.S_values = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        self._fast: tuple | None = None  # (weights key, path, CSR S or merged W): derived at load time, never saved
+        self.use_kernel = True  # False: the differentiable densify-per-forward reference path
         if fmt == "bitmask":
             mask_shape = (out_features, (in_features + 7) // 8)
             self.register_buffer("S_mask", torch.zeros(mask_shape, dtype=torch.uint8, device=device))
@@ -209,12 +211,48 @@ class LowRankSparseLinear(nn.Module):
         """Factors and the kept sparse values (the sparsity pattern stays fixed)."""
         return [self.A.weight, self.B.weight, self.S_values]
 
+    def _weights_key(self, x) -> tuple:
+        tensors = (self.A.weight, self.B.weight, self.S_values)
+        return (x.device, x.dtype, *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+
+    def prepare(self, x=None) -> str:
+        """Build the inference product once (load time; again when the weights, device or dtype change):
+        "csr" — y = B(A x) + bias + S x with S in CSR; "merged" — one dense GEMM by W = B·A + S formed in fp64
+        (see compressor.kernels.SPARSE_CSR_MAX_DENSITY for which and why). Changes no stored tensor."""
+        like = x if x is not None else self.A.weight
+        key = self._weights_key(like)
+        if self._fast is not None and self._fast[0] == key:
+            return self._fast[1]
+        with torch.no_grad():
+            path = kernels.sparse_path(self.nnz, self.out_features, self.in_features, like.device)
+            if path == "csr":
+                tensor = kernels.csr(self.sparse_weight(like.dtype))
+            else:
+                tensor = self.dense_weight().to(like.dtype)
+        self._fast = (key, path, tensor)
+        return path
+
+    def kernel_bytes(self) -> int:
+        """Bytes of the inference copy (CSR S or merged W) held next to the stored tensors."""
+        if self._fast is None:
+            return 0
+        t = self._fast[2]
+        parts = [t.crow_indices(), t.col_indices(), t.values()] if t.layout == torch.sparse_csr else [t]
+        return sum(p.numel() * p.element_size() for p in parts)
+
     def forward(self, x):
+        training = torch.is_grad_enabled() and (x.requires_grad or self.S_values.requires_grad)
+        if self.use_kernel and not training:
+            path = self.prepare(x)  # a no-op unless weights, device or dtype changed since
+            tensor = self._fast[2]
+            if path == "merged":
+                return nn.functional.linear(x, tensor, self.B.bias)
+            y = self.B(self.A(x))
+            return y + kernels.csr_linear(x, tensor) if self.nnz else y
         y = self.B(self.A(x))
         if self.nnz:
-            # S is densified (scatter into an out×in matrix) on every call: simple and exact on any device and
-            # dtype, but it costs a dense weight's memory and a dense matmul per forward — the checkpoint is
-            # small, the runtime is not faster. A CSR/sparse kernel would be the speed path.
+            # Training (or use_kernel False): S is densified on every call — exact on any device and dtype and
+            # differentiable, but a dense weight's memory and a dense matmul per forward.
             y = y + nn.functional.linear(x, self.sparse_weight(x.dtype))
         return y
 
@@ -312,15 +350,21 @@ def stored_bytes(module: nn.Module, float_dtype: torch.dtype | None = None) -> i
 
 def prepare_inference(model: nn.Module, *, use_kernels: bool = True) -> dict[str, int]:
     """Load-time conversion for fast forwards: each QuantLinear's codes to a packed kernel's layout (or its
-    fallback, warned about once). Changes no stored tensor. `use_kernels=False`: every QuantLinear takes the exact
-    per-forward dequantise path instead (the reference; slow). Returns {path: module count}."""
+    fallback, warned about once); each LowRankSparseLinear's sparse product (CSR or merged, see its prepare()).
+    Changes no stored tensor. `use_kernels=False`: the exact per-forward reference paths instead (dequantise;
+    densify S; slow). Returns {path: module count}."""
     paths: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.use_kernel = use_kernels
             module._packed = module._packed if use_kernels else None
             path = module.prepare() if use_kernels else "dequantize"
-            paths[path] = paths.get(path, 0) + 1
+        elif isinstance(module, LowRankSparseLinear):
+            module._fast, module.use_kernel = None, use_kernels
+            path = module.prepare() if use_kernels else "densify"
+        else:
+            continue
+        paths[path] = paths.get(path, 0) + 1
     return paths
 
 

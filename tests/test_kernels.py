@@ -17,7 +17,7 @@ import torch
 
 from compressor import kernels, quant
 from compressor.factors import LowRank, Quantized
-from compressor.modules import QuantLinear, module_from_factors
+from compressor.modules import QuantLinear, module_from_factors, prepare_inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,3 +166,70 @@ def test_cuda_packed_kernels(bits, group_size, n):
     x = torch.randn(3, n, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert _rel(module(x).float(), module.dequantized_forward(x).float()) < 2 * BF16_TOL
+
+
+def _lowrank_sparse(m, n, rank, density, fmt="indices", seed=0):
+    from compressor.modules import LowRankSparseLinear
+
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, int(density * n))
+    module = LowRankSparseLinear(n, m, rank, True, nnz_per_row=k, fmt="indices")
+    with torch.no_grad():
+        module.A.weight.copy_(torch.randn(rank, n, generator=g) / n**0.5)
+        module.B.weight.copy_(torch.randn(m, rank, generator=g) / rank**0.5)
+        module.B.bias.copy_(torch.randn(m, generator=g))
+        module.S_values.copy_(torch.randn(m, k, generator=g))
+        module.S_indices.copy_(torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(m)]))
+    return module.eval()
+
+
+@pytest.mark.parametrize("density,path", [(0.02, "csr"), (0.3, "merged")])
+def test_lowrank_sparse_fast_paths_match_densify(density, path):
+    module = _lowrank_sparse(96, 128, 8, density)
+    x = torch.randn(3, 4, 128)
+    with torch.no_grad():
+        module.use_kernel = False
+        reference = module(x)  # densify per forward
+        module.use_kernel = True
+        assert module.prepare() == path
+        y = module(x)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    assert module.kernel_bytes() > 0 and "_fast" not in str(list(module.state_dict()))
+
+
+def test_lowrank_sparse_cache_follows_weight_updates_and_training():
+    module = _lowrank_sparse(32, 64, 4, 0.3)
+    module.prepare()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        stale = module(x)
+        module.S_values.mul_(2)  # an in-place update (optimizer step, load_state_dict) bumps the version
+        y = module(x)
+        module.use_kernel = False  # the densify path
+        torch.testing.assert_close(y, module(x), rtol=1e-5, atol=1e-5)
+        module.use_kernel = True
+        assert (y - stale).abs().max() > 0.1
+    module.prepare()
+    out = module(x.requires_grad_())  # grad enabled: the differentiable densify path
+    out.sum().backward()
+    assert module.S_values.grad is not None and module.A.weight.grad is not None
+
+
+def test_lowrank_sparse_checkpoint_roundtrip_same_logits(tiny_model, calib_ids, tmp_path):
+    from compressor import api
+    from compressor.modules import LowRankSparseLinear
+    from compressor.recipe import load_recipe
+
+    model = tiny_model("llama")
+    result = api.compress(model, load_recipe("lowrank-sparse-50", ["options.iterations=2"]), batches=calib_ids(2, 16))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    loaded = api.load_compressed(result.save(tmp_path / "out"))
+    sparse = [m for m in loaded.modules() if isinstance(m, LowRankSparseLinear)]
+    assert sparse and all(m._fast is not None for m in sparse)  # prepared at load time
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+    prepare_inference(loaded, use_kernels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-4, atol=1e-4)
