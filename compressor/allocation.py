@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from compressor.errors import UserError
-from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank
+from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank, round_rank
 from compressor.registry import SPECTRUM_UNITS
 
 
@@ -119,6 +119,7 @@ class Spectra:
         else:
             ranks = allocate_global(spectra, shapes, _budget(shapes, self.options), weight=opts.weight,
                                     min_rank=opts.min_rank)
+        ranks = {name: round_rank(r, getattr(self.options, "rank_multiple", None)) for name, r in ranks.items()}
         return {
             name: (ranks[name], None if ranks[name] is None else predicted_relative_error(spectra[name], ranks[name]))
             for name in spectra

@@ -50,6 +50,10 @@ class RankOptions(BaseModel):
         None, description="bits of one dense weight in the output dtype, for `size_ratio` (the pipeline sets it "
                           "from the checkpoint's dtype; 16 when unknown)"
     )
+    rank_multiple: Optional[int] = Field(
+        None, gt=0, description="round every rank down to a multiple of this (8 for CPU GEMMs, 64 for GPU tensor "
+                                "cores): never over the budget; a rank below it is kept as is"
+    )
     svd_solver: SVDSolver = "gram"  # see compressor.linalg.truncated_svd
 
     @model_validator(mode="after")
@@ -111,6 +115,7 @@ def resolve_rank(m: int, n: int, options: RankOptions) -> tuple[int | None, str]
             return None, f"no rank fits size_ratio {options.size_ratio} of {m}×{n}; kept dense"
     else:
         rank = options.rank if options.rank is not None else rank_for_ratio(m, n, options.param_ratio)
+    rank = round_rank(rank, getattr(options, "rank_multiple", None))
     if bits is None and not saves_parameters(m, n, rank):
         return None, f"rank {rank} would store {rank * (m + n):,} >= {m * n:,} parameters; kept dense"
     if bits is not None:
@@ -119,6 +124,14 @@ def resolve_rank(m: int, n: int, options: RankOptions) -> tuple[int | None, str]
         if stored >= dense:
             return None, f"rank {rank} in {bits}-bit factors would store {stored:,} >= {dense:,} bytes; kept dense"
     return rank, ""
+
+
+def round_rank(rank: int | None, multiple: int | None) -> int | None:
+    """`rank` rounded down to a multiple of `multiple` (aligned GEMM shapes; fewer parameters, so within any budget
+    the unrounded rank met); ranks below `multiple`, and None, unchanged."""
+    if rank is None or not multiple or rank < multiple:
+        return rank
+    return rank - rank % multiple
 
 
 # ---- Rank allocation across modules (recipe field `allocation`) ------------------------------------------

@@ -56,6 +56,10 @@ from compressor import api
 from compressor.recipe import load_recipe
 from compressor.resources import demo_model_dir
 
+RECIPES = ("svd-llm-20", "svd-llm-40", "rtn-4bit", "eora-4bit", "lowrank-sparse-50")
+# Speed does not depend on how long the sparse/low-rank split was optimised (same rank, same nnz): fewer iterations.
+RECIPE_OVERRIDES = {"lowrank-sparse-50": ("options.iterations=10",)}
+
 # TinyLlama-1.1B's shape (random weights; nothing is downloaded).
 SYNTHETIC = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)}
@@ -65,7 +69,8 @@ SYNTHETIC = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_lay
 class Workload:
     vocab_size: int
     seqlen: int = 256
-    prefill_batches: tuple[int, ...] = (1, 8)
+    prefill_batches: tuple[int, ...] = (8,)
+    decode_batches: tuple[int, ...] = (1, 8)
     prompt_len: int = 32
     new_tokens: int = 64
     seed: int = 0
@@ -74,7 +79,8 @@ class Workload:
         g = torch.Generator().manual_seed(self.seed)
         ids = {f"prefill {b}×{self.seqlen}": torch.randint(self.vocab_size, (b, self.seqlen), generator=g)
                for b in self.prefill_batches}
-        ids["prompt"] = torch.randint(self.vocab_size, (1, self.prompt_len), generator=g)
+        for b in self.decode_batches:
+            ids[f"prompt b{b}"] = torch.randint(self.vocab_size, (b, self.prompt_len), generator=g)
         return {k: v.to(device) for k, v in ids.items()}
 
 
@@ -82,6 +88,12 @@ def weight_bytes(model) -> int:
     """Bytes of every distinct parameter and buffer (QuantLinear keeps its packed weights in buffers)."""
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kernel_bytes(model) -> int:
+    """Bytes of the inference copies compressed modules build at load time (packed int4/int8 weights, CSR or merged
+    sparse products, fused factors): held next to the stored tensors, not saved."""
+    return sum(m.kernel_bytes() for m in model.modules() if hasattr(m, "kernel_bytes"))
 
 
 def _sync(device):
@@ -102,9 +114,10 @@ def run_once(model, workload: Workload, inputs, device) -> dict[str, float]:
     """Seconds of each workload, run once."""
     seconds = {}
     for key, ids in inputs.items():
-        runs = [(key, lambda: model(ids, use_cache=True, logits_to_keep=1))] if key != "prompt" else [
-            ("generate 1", lambda: _generate(model, ids, 1)),
-            (f"generate {workload.new_tokens}", lambda: _generate(model, ids, workload.new_tokens))]
+        b = key.removeprefix("prompt ")
+        runs = [(key, lambda: model(ids, use_cache=True, logits_to_keep=1))] if not key.startswith("prompt") else [
+            (f"generate {b} 1", lambda: _generate(model, ids, 1)),
+            (f"generate {b} {workload.new_tokens}", lambda: _generate(model, ids, workload.new_tokens))]
         for name, call in runs:
             _sync(device)
             t0 = time.perf_counter()
@@ -116,12 +129,16 @@ def run_once(model, workload: Workload, inputs, device) -> dict[str, float]:
 
 def record(model, workload: Workload, seconds: dict[str, float]) -> dict:
     n = workload.new_tokens
-    decode_s = seconds[f"generate {n}"] - seconds["generate 1"]
+    decode = {}
+    for b in workload.decode_batches:
+        decode_s = seconds[f"generate b{b} {n}"] - seconds[f"generate b{b} 1"]
+        decode[f"b{b}"] = b * (n - 1) / decode_s if decode_s > 0 else float("nan")
     return {
         "weight_bytes": weight_bytes(model),
+        "kernel_bytes": kernel_bytes(model),
         "prefill_tok_s": {f"{b}×{workload.seqlen}": b * workload.seqlen / seconds[f"prefill {b}×{workload.seqlen}"]
                           for b in workload.prefill_batches},
-        "decode_tok_s": (n - 1) / decode_s if decode_s > 0 else float("nan"),
+        "decode_tok_s": decode,
         "seconds": seconds,
     }
 
@@ -146,7 +163,7 @@ def measure(models: dict, workload: Workload, *, device="cpu", repeats: int = 5)
             base = torch.cuda.memory_allocated(device)
             run_once(model, workload, inputs, device)
             growth = torch.cuda.max_memory_allocated(device) - base
-            records[label]["peak_bytes"] = records[label]["weight_bytes"] + growth
+            records[label]["peak_bytes"] = records[label]["weight_bytes"] + records[label]["kernel_bytes"] + growth
     return records
 
 
@@ -171,7 +188,7 @@ def probe_rss(path, compressed, dtype, workload: Workload, threads) -> int:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
     base = _proc_status("VmRSS")
     run_once(model, workload, inputs, "cpu")
-    return weight_bytes(model) + _proc_status("VmHWM") - base
+    return weight_bytes(model) + kernel_bytes(model) + _proc_status("VmHWM") - base
 
 
 def peak_rss_subprocess(path, compressed, dtype, workload, threads) -> int:
@@ -192,10 +209,11 @@ def build_checkpoints(args, out: Path, device) -> tuple[Path, list[tuple[str, Pa
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     calib = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.calib_seqlen}"]
-    method, recipe_name = ("svd", "svd-20") if args.synthetic else ("svd-llm", "svd-llm-20")
-    rows = [(f"{method} {cut}%", recipe_name, [f"param_ratio={1 - cut / 100:g}"]) for cut in (20, 40)]
-    if args.with_quant:
-        rows.append(("rtn 4-bit", "rtn-4bit", []))
+    if args.synthetic:
+        rows = [(f"svd-{cut}", "svd-20", [f"param_ratio={1 - cut / 100:g}"]) for cut in (20, 40)]
+        rows += [(name, name, []) for name in args.recipes if name == "rtn-4bit"]
+    else:
+        rows = [(name, name, list(RECIPE_OVERRIDES.get(name, ()))) for name in args.recipes]
     if args.synthetic:
         torch.manual_seed(0)
         with torch.device(device):
@@ -207,48 +225,52 @@ def build_checkpoints(args, out: Path, device) -> tuple[Path, list[tuple[str, Pa
                                 generator=torch.Generator().manual_seed(0))
     else:
         dense_dir = Path(args.model)
-        batches, _ = api.calibration_data(AutoTokenizer.from_pretrained(dense_dir), load_recipe(recipe_name, calib))
+        batches, _ = api.calibration_data(AutoTokenizer.from_pretrained(dense_dir), load_recipe(rows[0][1], calib))
     storage = AutoConfig.from_pretrained(dense_dir).dtype or torch.float32
     storage = getattr(torch, storage) if isinstance(storage, str) else storage
     compute = args.torch_dtype or (storage if str(device).startswith("cuda") else torch.float32)
     saved = []
     for label, name, overrides in rows:
+        saved_dir = out / name / label.replace(" ", "-")
+        if args.reuse and (saved_dir / "config.json").is_file():
+            saved.append((label, saved_dir))
+            print(f"reusing {saved_dir}")
+            continue
         t0 = time.perf_counter()
         model = load(dense_dir, False, compute, "cpu")  # the runner moves one layer at a time to `device`
         result = api.compress(model, load_recipe(name, calib + overrides), batches=batches, device=device,
                               storage_dtype=storage)
-        saved.append((label, result.save(out / name / label.replace(" ", "-"))))
+        saved.append((label, result.save(saved_dir, overwrite=True)))
         print(f"compressed {label} in {time.perf_counter() - t0:.1f} s")
         del model, result
     return dense_dir, saved, compute
 
 
-def print_table(records: dict, title: str, caption: str, gpu: bool):
-    """Ratios vs dense (tokens/s: > 1 is faster; memory: < 1 is smaller); absolute tokens/s and MiB only on GPU."""
+def print_table(records: dict, title: str, caption: str):
+    """Absolute tokens/s and MiB, and ratios vs dense (tokens/s: > 1 is faster; memory: < 1 is smaller). "weights"
+    are the stored tensors as loaded; "+kernels" the inference copies built from them at load time (kernel_bytes)."""
     from rich.console import Console
     from rich.table import Table
 
     dense = records["dense"]
     speeds = [(f"prefill {k}", lambda r, k=k: r["prefill_tok_s"][k]) for k in dense["prefill_tok_s"]]
-    speeds.append(("decode b1", lambda r: r["decode_tok_s"]))
+    speeds += [(f"decode {k}", lambda r, k=k: r["decode_tok_s"][k]) for k in dense["decode_tok_s"]]
     table = Table(title=title, caption=caption)
     table.add_column("model", no_wrap=True)
-    for name in ["weights MiB", "weights ×", "peak mem ×"] + (["peak MiB"] if gpu else []):
+    for name in ["weights MiB", "+kernels MiB", "weights ×", "peak MiB", "peak ×"]:
         table.add_column(name, justify="right")
     for name, _ in speeds:
+        table.add_column(f"{name} tok/s", justify="right")
         table.add_column(f"{name} ×", justify="right")
-        if gpu:
-            table.add_column(f"{name} tok/s", justify="right")
     for label, rec in records.items():
         peak = rec.get("peak_bytes")
-        cells = [label, f"{rec['weight_bytes'] / 2**20:.1f}", f"{rec['weight_bytes'] / dense['weight_bytes']:.2f}",
-                 f"{peak / dense['peak_bytes']:.2f}" if peak else "n/a"] + ([f"{peak / 2**20:,.0f}"] if gpu else [])
+        cells = [label, f"{rec['weight_bytes'] / 2**20:.1f}", f"{rec['kernel_bytes'] / 2**20:.1f}",
+                 f"{rec['weight_bytes'] / dense['weight_bytes']:.2f}", f"{peak / 2**20:,.0f}" if peak else "n/a",
+                 f"{peak / dense['peak_bytes']:.2f}" if peak else "n/a"]
         for _, speed in speeds:
-            cells.append(f"{speed(rec) / speed(dense):.2f}")
-            if gpu:
-                cells.append(f"{speed(rec):,.0f}")
+            cells += [f"{speed(rec):,.0f}", f"{speed(rec) / speed(dense):.2f}"]
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 def main():
@@ -259,7 +281,11 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--with-quant", action="store_true", help="add rtn 4-bit (dequantizes every forward)")
+    parser.add_argument("--recipes", type=lambda v: v.split(","), default=list(RECIPES),
+                        help=f"comma-separated recipes to compare with dense (default: {','.join(RECIPES)})")
+    parser.add_argument("--workdir", type=Path, help="keep the compressed checkpoints here (default: a temp dir)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="benchmark checkpoints already in --workdir instead of compressing again")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256, help="prefill length (capped at the model's positions)")
@@ -273,7 +299,8 @@ def main():
     args.torch_dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.probe:
         fields = json.loads(args.probe_workload)
-        workload = Workload(**{**fields, "prefill_batches": tuple(fields["prefill_batches"])})
+        workload = Workload(**{**fields, "prefill_batches": tuple(fields["prefill_batches"]),
+                               "decode_batches": tuple(fields["decode_batches"])})
         print(probe_rss(args.probe, args.probe_compressed == "1", args.torch_dtype, workload, args.threads))
         return
 
@@ -286,8 +313,10 @@ def main():
     workload = Workload(vocab_size=config["vocab_size"], new_tokens=args.new_tokens, seqlen=min(args.seqlen, positions))
     if workload.prompt_len + workload.new_tokens > positions:
         parser.error(f"prompt {workload.prompt_len} + --new-tokens > the model's {positions} positions")
+    if args.reuse and not args.workdir:
+        parser.error("--reuse needs --workdir")
     with tempfile.TemporaryDirectory() as folder:
-        dense_dir, compressed, dtype = build_checkpoints(args, Path(folder), device)
+        dense_dir, compressed, dtype = build_checkpoints(args, args.workdir or Path(folder), device)
         paths = {"dense": (dense_dir, False), **{label: (path, True) for label, path in compressed}}
         models = {label: load(path, is_compressed, dtype, device) for label, (path, is_compressed) in paths.items()}
         records = measure(models, workload, device=device, repeats=args.repeats)
@@ -303,13 +332,15 @@ def main():
     where = (torch.cuda.get_device_name(device) if gpu
              else f"{platform.processor() or platform.machine()} CPU") + f", {args.threads} threads"
     caption = (f"{where}; {str(dtype).removeprefix('torch.')}; tokens/s medians of {args.repeats}; decode = greedy "
-               f"{workload.new_tokens} tokens; {rss_note}; torch {torch.__version__}; {date.today()}")
-    print_table(records, f"{name}: inference vs dense (× = model / dense)", caption, gpu)
+               f"{workload.new_tokens} tokens after a {workload.prompt_len}-token prompt; {rss_note}; "
+               f"torch {torch.__version__}; {date.today()}")
+    print_table(records, f"{name}: inference vs dense (× = model / dense)", caption)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "model": name, "device": where, "threads": args.threads, "dtype": str(dtype), "date": str(date.today()),
         "torch": torch.__version__, "workload": asdict(workload), "repeats": args.repeats, "memory": rss_note,
-        "calibration": {"nsamples": args.nsamples, "seqlen": args.calib_seqlen}, "records": records,
+        "calibration": {"nsamples": args.nsamples, "seqlen": args.calib_seqlen}, "recipes": args.recipes,
+        "recipe_overrides": RECIPE_OVERRIDES, "records": records,
     }, indent=1))
     print(f"wrote {args.json}")
 

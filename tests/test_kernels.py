@@ -29,7 +29,8 @@ def _quantized(m, n, bits, group_size, seed=0, rank=0):
     W = torch.randn(m, n, generator=g)
     s, z = quant.rtn_params(W, bits, group_size, False)
     q = quant.quantize(W, s, z, bits, group_size)
-    residual = LowRank(torch.randn(rank, n, generator=g) * 0.1, torch.randn(m, rank, generator=g) * 0.1) if rank else None
+    residual = (LowRank(torch.randn(rank, n, generator=g) * 0.1, torch.randn(m, rank, generator=g) * 0.1)
+                if rank else None)
     return Quantized.from_codes(q, s, z, bits, group_size, residual)
 
 
@@ -233,3 +234,14 @@ def test_lowrank_sparse_checkpoint_roundtrip_same_logits(tiny_model, calib_ids, 
     prepare_inference(loaded, use_kernels=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_multiple_rounds_down_within_the_budget():
+    from compressor.methods.svd import SVDOptions
+    from compressor.rank import resolve_rank, round_rank
+
+    assert [round_rank(r, 8) for r in (5, 8, 15, 16, 172, None)] == [5, 8, 8, 16, 168, None]
+    plain = resolve_rank(576, 576, SVDOptions(param_ratio=0.6))[0]
+    aligned = resolve_rank(576, 576, SVDOptions(param_ratio=0.6, rank_multiple=8))[0]
+    assert plain == 172 and aligned == 168
+    assert resolve_rank(192, 576, SVDOptions(size_ratio=0.6, rank_multiple=64))[0] == 64  # 86 -> 64
