@@ -228,7 +228,7 @@ def evaluate(model, tokenizer, data: str | None = None, *, seqlen: int = 2048, b
     return dataclasses.replace(result, data=description)
 
 
-def load_compressed(path, *, dtype=None, device=None):
+def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):
     from compressor.io import load_compressed as _load
 
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, fuse_siblings=fuse_siblings)

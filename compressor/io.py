@@ -98,9 +98,11 @@ def write_extra_files(folder: Path, files: dict) -> None:
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
 
-def load_compressed(path, *, dtype=None, device=None):
+def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):
     """Load an lrc checkpoint directory. `dtype`: None keeps the checkpoint's dtype; `device`: e.g. "cuda:0".
-    Strict: any missing, unexpected or mismatched weight is an error."""
+    Strict: any missing, unexpected or mismatched weight is an error. `fuse_siblings`: low-rank linears that read
+    the same input (q/k/v, gate/up) share one GEMM for their A factors (compressor.modules.fuse_siblings; no stored
+    tensor changes)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -120,6 +122,10 @@ def load_compressed(path, *, dtype=None, device=None):
     loaded = compressed_modules(model)
     if loaded != qc["modules"]:
         raise UserError(f"checkpoint {path}: compressed modules after loading differ from its quantization_config")
+    if fuse_siblings:
+        from compressor.modules import fuse_siblings as fuse
+
+        fuse(model)
     return model
 
 

@@ -34,9 +34,19 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        self._shared: SharedInputA | None = None  # fuse_siblings: one GEMM for the A factors of q/k/v, gate/up
 
     def forward(self, x):
+        shared = self._shared
+        if shared is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.A.weight.requires_grad)):
+            h = shared.project(self, x)
+            if h is not None:
+                return self.B(h)
         return self.B(self.A(x))
+
+    def kernel_bytes(self) -> int:
+        """Bytes of this module's share of a fused A (fuse_siblings; 0 when not fused)."""
+        return self._shared.nbytes() // len(self._shared.members) if self._shared is not None else 0
 
     def dense_weight(self) -> torch.Tensor:
         return self.B.weight.double() @ self.A.weight.double()
@@ -50,6 +60,74 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SharedInputA:
+    """The A factors of sibling LowRankLinears that read the same input (q/k/v, gate/up) as one GEMM: concatenated
+    once (again if a factor, its device or dtype changes); the first sibling called computes every sibling's A x
+    and each other sibling takes its slice when handed the very same tensor (anything else: its own A). Not a module:
+    nothing is registered, saved or trained."""
+
+    def __init__(self, members: list["LowRankLinear"]):
+        self.members = members
+        self._weight, self._key = None, None
+        self._x, self._parts, self._left = None, None, set()
+
+    def nbytes(self) -> int:
+        return self._weight.numel() * self._weight.element_size() if self._weight is not None else 0
+
+    def _concatenated(self, x) -> torch.Tensor:
+        key = (x.dtype, *((m.A.weight._version, m.A.weight.data_ptr()) for m in self.members))
+        if key != self._key:
+            self._weight = torch.cat([m.A.weight.detach().to(x.dtype) for m in self.members])
+            self._key = key
+        return self._weight
+
+    def project(self, member, x) -> torch.Tensor | None:
+        index = self.members.index(member)
+        if x is self._x and index in self._left:
+            self._left.discard(index)
+            part = self._parts[index]
+            if not self._left:
+                self._x, self._parts = None, None  # every sibling served: release the input and the projections
+            return part
+        weight = self._concatenated(x)
+        if weight.device != x.device:
+            return None
+        self._parts = nn.functional.linear(x, weight).split([m.rank for m in self.members], dim=-1)
+        self._x, self._left = x, set(range(len(self.members))) - {index}
+        return self._parts[index]
+
+
+@torch.no_grad()
+def fuse_siblings(model: nn.Module, example: torch.Tensor | None = None) -> list[list[str]]:
+    """Give the LowRankLinears that read the same input one shared A GEMM (SharedInputA). The siblings are found the
+    way calibration finds them (compressor/stats.py): from which tensor each module receives in one forward of
+    `example` (default: one token id 0), not from names. Changes no stored tensor. Returns the fused groups."""
+    names = {m: n for n, m in model.named_modules() if type(m) is LowRankLinear}
+    seen: list[tuple[torch.Tensor, LowRankLinear]] = []  # the tensors are kept alive so their identities stay unique
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((args[0], mod))) for m in names]
+    for m in names:
+        m._shared = None
+    try:
+        device = next(model.parameters()).device
+        model(example if example is not None else torch.zeros(1, 1, dtype=torch.long, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: dict[int, list[LowRankLinear]] = {}
+    for x, module in seen:
+        members = groups.setdefault(id(x), [])
+        if module not in members:
+            members.append(module)
+    fused = []
+    for members in groups.values():
+        if len(members) > 1 and len({(m.in_features, m.A.weight.dtype) for m in members}) == 1:
+            shared = SharedInputA(members)
+            for m in members:
+                m._shared = shared
+            fused.append([names[m] for m in members])
+    return fused
 
 
 class QuantLinear(nn.Module):

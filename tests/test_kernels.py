@@ -245,3 +245,38 @@ def test_rank_multiple_rounds_down_within_the_budget():
     aligned = resolve_rank(576, 576, SVDOptions(param_ratio=0.6, rank_multiple=8))[0]
     assert plain == 172 and aligned == 168
     assert resolve_rank(192, 576, SVDOptions(size_ratio=0.6, rank_multiple=64))[0] == 64  # 86 -> 64
+
+
+def test_fuse_siblings_shares_one_A_gemm_with_the_same_logits(tiny_model, calib_ids, tmp_path):
+    from compressor import api
+    from compressor.modules import LowRankLinear, fuse_siblings
+
+    model = tiny_model("qwen2")  # GQA and q/k/v biases
+    result = api.compress(model, "svd-20", batches=calib_ids(2, 16))
+    out = result.save(tmp_path / "out")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = fuse_siblings(model)
+    assert sorted(len(g) for g in groups) == [2, 2, 3, 3]  # per layer [q, k, v] and [gate, up]
+    assert {n.rsplit(".", 1)[1] for g in groups for n in g} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    calls = []
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            m.A.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        fused = model(ids).logits
+    assert len(calls) == 4  # only o_proj and down_proj still call their own A (2 layers)
+    torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and set(state) == set(model.state_dict())
+
+    loaded = api.load_compressed(out, fuse_siblings=True)
+    assert sum(m._shared is not None for m in loaded.modules() if isinstance(m, LowRankLinear)) == 10
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-5, atol=1e-5)
+        # a factor changed in place (training, load_state_dict) is concatenated again
+        loaded.model.layers[0].self_attn.k_proj.A.weight.mul_(0)
+        unfused = api.load_compressed(out)
+        unfused.model.layers[0].self_attn.k_proj.A.weight.mul_(0)
+        torch.testing.assert_close(loaded(ids).logits, unfused(ids).logits, rtol=1e-5, atol=1e-5)
