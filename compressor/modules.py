@@ -35,6 +35,19 @@ class LowRankLinear(nn.Module):
         self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
         self._shared: SharedInputA | None = None  # fuse_siblings: one GEMM for the A factors of q/k/v, gate/up
+        self._register_state_dict_hook(_contiguous_factors)
+
+    def prepare(self) -> str:
+        """Load time: keep A and B with their transposes contiguous — the same values with other strides, so no
+        stored tensor changes (state_dict() hands out contiguous copies). F.linear(x, W) multiplies by Wᵀ; with Wᵀ
+        contiguous a few rows times a thin factor take BLAS's streaming path: SmolLM2 svd-llm-40 decode 1.57× dense
+        instead of 1.19× with row-major factors, prefill 1.38× instead of 1.32× (2-core CPU, 1 thread, fp32)."""
+        with torch.no_grad():
+            for linear in (self.A, self.B):
+                w = linear.weight
+                if w.is_contiguous() and min(w.shape) > 1:
+                    w.data = w.data.T.contiguous().T
+        return "transposed"
 
     def forward(self, x):
         shared = self._shared
@@ -62,6 +75,14 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def _contiguous_factors(module, state_dict, prefix, local_metadata):
+    """state_dict hook: factors kept transposed in memory (LowRankLinear.prepare) are written row-major, as stored."""
+    for name in ("A.weight", "B.weight"):
+        key = prefix + name
+        if key in state_dict and not state_dict[key].is_contiguous():
+            state_dict[key] = state_dict[key].contiguous()
+
+
 class SharedInputA:
     """The A factors of sibling LowRankLinears that read the same input (q/k/v, gate/up) as one GEMM: concatenated
     once (again if a factor, its device or dtype changes); the first sibling called computes every sibling's A x
@@ -78,8 +99,8 @@ class SharedInputA:
 
     def _concatenated(self, x) -> torch.Tensor:
         key = (x.dtype, *((m.A.weight._version, m.A.weight.data_ptr()) for m in self.members))
-        if key != self._key:
-            self._weight = torch.cat([m.A.weight.detach().to(x.dtype) for m in self.members])
+        if key != self._key:  # (Σ rank, in) with its transpose contiguous, as LowRankLinear.prepare keeps A
+            self._weight = torch.cat([m.A.weight.detach().to(x.dtype).T for m in self.members], dim=1).T
             self._key = key
         return self._weight
 
@@ -428,7 +449,8 @@ def stored_bytes(module: nn.Module, float_dtype: torch.dtype | None = None) -> i
 
 def prepare_inference(model: nn.Module, *, use_kernels: bool = True) -> dict[str, int]:
     """Load-time conversion for fast forwards: each QuantLinear's codes to a packed kernel's layout (or its
-    fallback, warned about once); each LowRankSparseLinear's sparse product (CSR or merged, see its prepare()).
+    fallback, warned about once); each LowRankSparseLinear's sparse product (CSR or merged, see its prepare());
+    each LowRankLinear's factors transposed in memory (see its prepare()).
     Changes no stored tensor. `use_kernels=False`: the exact per-forward reference paths instead (dequantise;
     densify S; slow). Returns {path: module count}."""
     paths: dict[str, int] = {}
@@ -440,6 +462,8 @@ def prepare_inference(model: nn.Module, *, use_kernels: bool = True) -> dict[str
         elif isinstance(module, LowRankSparseLinear):
             module._fast, module.use_kernel = None, use_kernels
             path = module.prepare() if use_kernels else "densify"
+        elif type(module) is LowRankLinear and use_kernels:
+            path = module.prepare()
         else:
             continue
         paths[path] = paths.get(path, 0) + 1

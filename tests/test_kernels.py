@@ -280,3 +280,26 @@ def test_fuse_siblings_shares_one_A_gemm_with_the_same_logits(tiny_model, calib_
         unfused = api.load_compressed(out)
         unfused.model.layers[0].self_attn.k_proj.A.weight.mul_(0)
         torch.testing.assert_close(loaded(ids).logits, unfused(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_factors_transposed_at_load_save_row_major(tiny_model, calib_ids, tmp_path):
+    from safetensors.torch import load_file
+
+    from compressor import api
+    from compressor.modules import LowRankLinear
+
+    model = tiny_model("llama")
+    result = api.compress(model, "svd-20", batches=calib_ids(2, 16))
+    stored = load_file(result.save(tmp_path / "out") / "model.safetensors")
+    loaded = api.load_compressed(tmp_path / "out")
+    lowrank = [m for m in loaded.modules() if isinstance(m, LowRankLinear)]
+    assert lowrank and all(m.A.weight.T.is_contiguous() and not m.A.weight.is_contiguous() for m in lowrank)
+    state = loaded.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert all(torch.equal(state[k], v) for k, v in stored.items())
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    resaved = api.load_compressed(loaded.save_pretrained(tmp_path / "again") or tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(resaved(ids).logits, loaded(ids).logits)
