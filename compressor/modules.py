@@ -287,6 +287,7 @@ class LowRankSparseLinear(nn.Module):
             index_dtype = sparse_index_dtype(max(in_features, out_features))
         self.S_values = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self._fast: tuple | None = None  # (weights key, path, CSR S or merged W): derived at load time, never saved
+        self._register_state_dict_hook(_contiguous_factors)
         self.use_kernel = True  # False: the differentiable densify-per-forward reference path
         if fmt == "bitmask":
             mask_shape = (out_features, (in_features + 7) // 8)
@@ -334,9 +335,10 @@ class LowRankSparseLinear(nn.Module):
             path = kernels.sparse_path(self.nnz, self.out_features, self.in_features, like.device)
             if path == "csr":
                 tensor = kernels.csr(self.sparse_weight(like.dtype))
-            else:
-                tensor = self.dense_weight().to(like.dtype)
-        self._fast = (key, path, tensor)
+                _transpose_in_memory(self.A, self.B)
+            else:  # with its transpose contiguous, like the low-rank factors (LowRankLinear.prepare)
+                tensor = self.dense_weight().to(like.dtype).T.contiguous().T
+        self._fast = (self._weights_key(like), path, tensor)  # after the transposition moved A and B
         return path
 
     def kernel_bytes(self) -> int:

@@ -1,37 +1,39 @@
 """Inference speed and memory of compressed models against the dense one, side by side in one run.
 
-    .venv/bin/python scripts/bench_inference.py                         # the shipped demo model, CPU (~2 min)
-    .venv/bin/python scripts/bench_inference.py --device cuda           # + absolute tokens/s and the GPU's name
+    .venv/bin/python scripts/bench_inference.py --threads 1             # the shipped demo model, CPU
+    .venv/bin/python scripts/bench_inference.py --threads 1 --model .cache/smollm2-135m-instruct \\
+        --workdir /tmp/bench-smollm2            # keep the checkpoints; --reuse measures them again without compressing
     .venv/bin/python scripts/bench_inference.py --device cuda --synthetic 1b   # random TinyLlama-shaped model
-    .venv/bin/python scripts/bench_inference.py --model DIR --with-quant
 
-Models: dense; svd-llm at 20% and 40% of every decoder linear's parameters removed (calibrated on a few
-windows: only speed is measured here); with --with-quant rtn 4-bit, whose QuantLinear dequantizes the whole weight
-on every forward (a correctness path, not a kernel: expect it slower than dense). `--synthetic 1b` builds a
-random-weight Llama of TinyLlama-1.1B's shape and uses plain `svd` (calibration means nothing on random weights;
-the 16-window calibration pass only feeds compress()'s report). Use it with --device cuda: on one CPU thread a
-2048×5632 fp64 Gram + eigh takes ~4 s, i.e. ~7 min of decompositions per ratio, and one 8×256 prefill of the fp32
-model ~1 min, so a CPU run of it takes ~40 min (estimated from those timings, not run end to end).
-Every model is compressed once, saved, and benchmarked as reloaded by `load_compressed` (what a user runs).
+Models: dense; "dense Wᵀ" (the dense checkpoint with its decoder linears' weights transposed in memory, the layout
+the low-rank modules take at load time: a control that shows how much of their speed is layout, not rank; off with
+--no-dense-transposed); and one checkpoint per recipe (--recipes; default svd-llm-20, svd-llm-40, rtn-4bit,
+eora-4bit, lowrank-sparse-50), calibrated on a few windows (only speed is measured here; lowrank-sparse-50 runs 10
+alternating iterations instead of 40: the same rank and nnz, so the same speed). Every model is compressed once,
+saved, and benchmarked as reloaded by `load_compressed` (what a user runs: packed int4 kernels for QuantLinear,
+CSR or merged products for LowRankSparseLinear, transposed factors for LowRankLinear; compressor/kernels.py).
+`--synthetic 1b` builds a random-weight Llama of TinyLlama-1.1B's shape and uses plain `svd` at 20/40% and rtn-4bit
+(calibration means nothing on random weights); use it with --device cuda (a CPU run takes ~40 min).
 `--threads` defaults to torch's; on a machine shared with other jobs use --threads 1 (OpenMP threads that wait
 for a busy core make a 2-thread run several times slower and its ratios noise).
 
-Workloads (the same seeded random token ids for every model): prefill of batch 1 and 8 × seqlen tokens (one
-forward that builds the KV cache and computes only the last position's logits, as generate() does); decode at
-batch 1 = greedy generate() with the KV cache and `new_tokens` forced (min_new_tokens), timed as
-t(new_tokens) − t(1 token) so the prompt's prefill cancels. A warm-up round, then `repeats` rounds interleaving
-the models (drift on a shared machine hits all alike); medians. Memory: bytes of parameters and buffers; peak =
-weights + peak allocation growth over one run of every workload (GPU: max_memory_allocated; CPU: a subprocess
-per model that warms up, resets VmHWM via /proc/self/clear_refs and runs again with a fixed glibc mmap
-threshold — in one process, heap freed by one model hides the next one's peak; measured repeatable to <1 MiB).
+Workloads (the same seeded random token ids for every model): prefill of 8 × seqlen tokens (one forward that builds
+the KV cache and computes only the last position's logits, as generate() does); decode at batch 1 and 8 = greedy
+generate() with the KV cache and `new_tokens` forced (min_new_tokens), timed as t(new_tokens) − t(1 token) so the
+prompt's prefill cancels; tokens/s = batch × (new_tokens − 1) / that time. A warm-up round, then `repeats` rounds
+interleaving the models (drift on a shared machine hits all alike); medians. Memory: "weights" = bytes of parameters
+and buffers (what the checkpoint stores, as loaded), "+kernels" = the inference copies built from them at load time
+(packed int4 weights, merged or CSR sparse products, fused factors); peak = weights + kernels + peak allocation
+growth over one run of every workload (GPU: max_memory_allocated; CPU: a subprocess per model that warms up, resets
+VmHWM via /proc/self/clear_refs and runs again with a fixed glibc mmap threshold — in one process, heap freed by one
+model hides the next one's peak; measured repeatable to <1 MiB).
 
-Why low rank barely speeds up on CPU here: rank r replaces one m×n GEMM by two thin ones costing r(m+n)/(mn) of
-its flops (0.8 at 20% removed, 0.6 at 40%) plus one more module call and an intermediate tensor. In the demo
-model (hidden 256) every GEMM is small, so calls and framework overhead dominate: batch-1 decode (pure per-layer
-overhead, 7 extra Linear calls per layer) measured 0.8-1.05× in three runs on a shared 2-core machine, prefill
-8×256 1.03-1.07× at 20% and 1.14-1.27× at 40% removed, short of the flops ratio. The flops only pay when r is
-well below min(m, n) and the GEMMs are large (big models, long prefills). The table reports what a run
-measured; nothing is tuned.
+Where the speed comes from, on one CPU thread (README "Speed and scale" has the tables): decode is bound by reading
+the weights once per token. rtn-4bit's packed int4 kernel reads an eighth of fp32's bytes (torch's CPU kernel is
+vectorised for bf16 activations only, so activations are cast to bf16 around it); low rank reads r(m+n)/(mn) of
+them (0.8 at 20% removed, 0.6 at 40%) in two GEMMs, which BLAS runs well only with the factors' transposes
+contiguous — the "dense Wᵀ" row shows the same layout's effect on the dense model. The untouched lm_head (tied
+to a 49k-token embedding on SmolLM2) is a fixed share of every model's decode time.
 """
 
 from __future__ import annotations
@@ -167,22 +169,32 @@ def measure(models: dict, workload: Workload, *, device="cpu", repeats: int = 5)
     return records
 
 
-def load(path, compressed: bool, dtype, device):
-    if compressed:
+def load(path, kind: str, dtype, device):
+    """kind "lrc": an lrc checkpoint as `load_compressed` returns it; "dense": the checkpoint as transformers loads
+    it; "dense-T": the same with every decoder linear's weight transposed in memory, the layout lrc's low-rank
+    modules take at load time (LowRankLinear.prepare) — the control that separates the layout's share of their speed
+    from the rank's."""
+    if kind == "lrc":
         return api.load_compressed(path, dtype=dtype, device=device).eval()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if kind == "dense-T":
+        from compressor.modules import _transpose_in_memory
+
+        _transpose_in_memory(*[m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
+                               m is not model.get_output_embeddings()])
+    return model
 
 
 def _proc_status(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def probe_rss(path, compressed, dtype, workload: Workload, threads) -> int:
+def probe_rss(path, kind, dtype, workload: Workload, threads) -> int:
     """This process: load, reset the RSS high-water mark, run every workload once; weights + growth."""
     torch.set_num_threads(threads)
-    model = load(path, compressed, dtype, "cpu")
+    model = load(path, kind, dtype, "cpu")
     inputs = workload.inputs("cpu")
     run_once(model, workload, inputs, "cpu")  # lazy imports and one-off library state are not the model's
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
@@ -191,8 +203,8 @@ def probe_rss(path, compressed, dtype, workload: Workload, threads) -> int:
     return weight_bytes(model) + kernel_bytes(model) + _proc_status("VmHWM") - base
 
 
-def peak_rss_subprocess(path, compressed, dtype, workload, threads) -> int:
-    cmd = [sys.executable, __file__, "--probe", str(path), "--probe-compressed", str(int(compressed)),
+def peak_rss_subprocess(path, kind, dtype, workload, threads) -> int:
+    cmd = [sys.executable, __file__, "--probe", str(path), "--probe-kind", kind,
            "--dtype", str(dtype).removeprefix("torch."), "--probe-workload", json.dumps(asdict(workload)),
            "--threads", str(threads)]
     # A fixed mmap threshold turns off glibc's adaptive one: every tensor of 64 KiB or more is mapped on allocation
@@ -283,6 +295,8 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--recipes", type=lambda v: v.split(","), default=list(RECIPES),
                         help=f"comma-separated recipes to compare with dense (default: {','.join(RECIPES)})")
+    parser.add_argument("--no-dense-transposed", dest="dense_transposed", action="store_false",
+                        help="skip the 'dense Wᵀ' control row (dense weights in the low-rank modules' memory layout)")
     parser.add_argument("--workdir", type=Path, help="keep the compressed checkpoints here (default: a temp dir)")
     parser.add_argument("--reuse", action="store_true",
                         help="benchmark checkpoints already in --workdir instead of compressing again")
@@ -293,7 +307,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-rss", action="store_true", help="CPU: skip the peak-RSS subprocess per model")
     parser.add_argument("--json", type=Path, default=Path("bench-results/inference.json"))
-    for hidden in ("--probe", "--probe-compressed", "--probe-workload"):
+    for hidden in ("--probe", "--probe-kind", "--probe-workload"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.torch_dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -301,7 +315,7 @@ def main():
         fields = json.loads(args.probe_workload)
         workload = Workload(**{**fields, "prefill_batches": tuple(fields["prefill_batches"]),
                                "decode_batches": tuple(fields["decode_batches"])})
-        print(probe_rss(args.probe, args.probe_compressed == "1", args.torch_dtype, workload, args.threads))
+        print(probe_rss(args.probe, args.probe_kind, args.torch_dtype, workload, args.threads))
         return
 
     from transformers import AutoConfig
@@ -317,15 +331,16 @@ def main():
         parser.error("--reuse needs --workdir")
     with tempfile.TemporaryDirectory() as folder:
         dense_dir, compressed, dtype = build_checkpoints(args, args.workdir or Path(folder), device)
-        paths = {"dense": (dense_dir, False), **{label: (path, True) for label, path in compressed}}
-        models = {label: load(path, is_compressed, dtype, device) for label, (path, is_compressed) in paths.items()}
+        paths = {"dense": (dense_dir, "dense"), **({"dense Wᵀ": (dense_dir, "dense-T")} if args.dense_transposed else {}),
+                 **{label: (path, "lrc") for label, path in compressed}}
+        models = {label: load(path, kind, dtype, device) for label, (path, kind) in paths.items()}
         records = measure(models, workload, device=device, repeats=args.repeats)
         del models
         rss_note = ("peak = weights + CUDA max_memory_allocated growth" if gpu else "peak RSS not measured (--no-rss)"
                     if args.no_rss else "peak RSS not measured (needs Linux's /proc/self/clear_refs)")
         if not gpu and not args.no_rss and Path("/proc/self/clear_refs").exists():
-            for label, (path, is_compressed) in paths.items():
-                records[label]["peak_bytes"] = peak_rss_subprocess(path, is_compressed, dtype, workload, args.threads)
+            for label, (path, kind) in paths.items():
+                records[label]["peak_bytes"] = peak_rss_subprocess(path, kind, dtype, workload, args.threads)
             rss_note = "peak = weights + VmHWM growth, one subprocess per model"
 
     name = f"synthetic {args.synthetic} (random weights)" if args.synthetic else Path(args.model).name
