@@ -303,3 +303,18 @@ def test_lowrank_factors_transposed_at_load_save_row_major(tiny_model, calib_ids
     resaved = api.load_compressed(loaded.save_pretrained(tmp_path / "again") or tmp_path / "again")
     with torch.no_grad():
         assert torch.equal(resaved(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["svd-20", "rtn-4bit"])
+def test_torch_compile_of_a_loaded_model_matches_eager(tiny_model, calib_ids, tmp_path, recipe):
+    """The vLLM-free fast path: transformers + lrc modules + torch.compile (inductor; ~1-2 min per model on CPU)."""
+    from compressor import api
+
+    result = api.compress(tiny_model("llama"), recipe, batches=calib_ids(2, 16))
+    loaded = api.load_compressed(result.save(tmp_path / "out"))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = loaded(ids).logits
+        compiled = torch.compile(loaded)(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
