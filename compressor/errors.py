@@ -9,7 +9,13 @@ _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class UserError(Exception):
-    """Bad input from the user (paths, recipes, options). Never a bug: no traceback is shown."""
+    """Bad input from the user (paths, recipes, options). Never a bug: no traceback is shown.
+
+    Always one line: a line break inside the message (a recipe key or value quoted from the user's input, a library
+    message) is shown as an escaped `\\n`."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def out_of_space(exc: BaseException, where) -> UserError | None:

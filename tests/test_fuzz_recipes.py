@@ -113,3 +113,13 @@ def test_the_fuzzer_reaches_both_outcomes():
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     assert _outcome("svd-llm-20", ["param_ratio=0.5"], ids) == "ran"
     assert _outcome("svd-llm-20", [f"param_ratio={math.nan}"], ids) == "refused"
+
+
+def test_a_line_break_in_a_quoted_key_stays_one_line(tmp_path):
+    data = yaml.safe_load(load_recipe("svd-llm-20").to_yaml())
+    data["a\nb"] = 1
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(UserError, match=r"unknown key 'a\\nb'") as caught:
+        load_recipe(str(path))
+    assert "\n" not in str(caught.value)
