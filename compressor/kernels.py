@@ -58,6 +58,9 @@ def fallback_reason(bits: int, group_size: int, in_features: int, out_features: 
     cuda = torch.device(device).type == "cuda"
     if torch.device(device).type not in ("cpu", "cuda"):
         return f"no packed kernel on {torch.device(device).type}"
+    op = {4: "_weight_int4pack_mm" if cuda else "_weight_int4pack_mm_for_cpu", 8: "_weight_int8pack_mm"}.get(bits)
+    if op and not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", "CUDA" if cuda else "CPU"):
+        return f"this torch build has no {'CUDA' if cuda else 'CPU'} kernel for aten.{op}"
     if bits == 4:
         if _int4_group(group_size, in_features) is None:
             return (f"int4 kernels need a group of 32/64/128/256 columns dividing in_features; group_size "
