@@ -12,6 +12,10 @@ Parameter names are part of the checkpoint format (config.json's quantization_co
 - QuantLowRankLinear: both factors as packed b-bit codes — buffers `A_qweight`, `A_qzeros`, `A_scales` (rank, in)
   and `B_qweight`, `B_qzeros`, `B_scales` (out, rank) in QuantLinear's format; optional `bias` — y = B̂(Â x) + bias.
 
+Loading (`prepare_inference`, called by the loader) derives unsaved inference copies from those tensors: QuantLinear's
+codes in a packed kernel's layout (compressor/kernels.py), LowRankSparseLinear's CSR or merged product, low-rank
+factors with their transposes contiguous; `fuse_siblings` shares one A GEMM between low-rank siblings.
+
 Every module's stored bytes are its state dict's tensors: floating ones in the checkpoint's dtype, except the
 fp16 `*scales` of the packed formats, which stay fp16 (compressor.report.stored_bytes).
 """
