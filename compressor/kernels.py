@@ -169,3 +169,60 @@ def csr_linear(x: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """x (..., in) · Sᵀ for S in CSR (out, in)."""
     x2 = x.reshape(-1, x.shape[-1])
     return torch.sparse.mm(S, x2.T).T.reshape(*x.shape[:-1], S.shape[0])
+
+
+# Low-rank factors at inference (compressor.modules' prepare() methods and fuse_siblings).
+
+
+def contiguous_factors(module, state_dict, prefix, local_metadata):
+    """state_dict hook: factors kept transposed in memory (prepare()) are written row-major, as stored."""
+    for name in ("A.weight", "B.weight", "lora_A.weight", "lora_B.weight"):
+        key = prefix + name
+        if key in state_dict and not state_dict[key].is_contiguous():
+            state_dict[key] = state_dict[key].contiguous()
+
+
+def transpose_in_memory(*linears: torch.nn.Linear) -> None:
+    """Keep each weight with its transpose contiguous: same values, other strides (see LowRankLinear.prepare)."""
+    with torch.no_grad():
+        for linear in linears:
+            w = linear.weight
+            if w.is_contiguous() and min(w.shape) > 1:
+                w.data = w.data.T.contiguous().T
+
+
+class SharedInputA:
+    """The A factors of sibling LowRankLinears that read the same input (q/k/v, gate/up) as one GEMM: concatenated
+    once (again if a factor, its device or dtype changes); the first sibling called computes every sibling's A x
+    and each other sibling takes its slice when handed the very same tensor (anything else: its own A). Not a module:
+    nothing is registered, saved or trained."""
+
+    def __init__(self, members: list):  # LowRankLinear modules
+        self.members = members
+        self._weight, self._key = None, None
+        self._x, self._parts, self._left = None, None, set()
+
+    def nbytes(self) -> int:
+        return self._weight.numel() * self._weight.element_size() if self._weight is not None else 0
+
+    def _concatenated(self, x) -> torch.Tensor:
+        key = (x.dtype, *((m.A.weight._version, m.A.weight.data_ptr()) for m in self.members))
+        if key != self._key:  # (Σ rank, in) with its transpose contiguous, as LowRankLinear.prepare keeps A
+            self._weight = torch.cat([m.A.weight.detach().to(x.dtype).T for m in self.members], dim=1).T
+            self._key = key
+        return self._weight
+
+    def project(self, member, x) -> torch.Tensor | None:
+        index = self.members.index(member)
+        if x is self._x and index in self._left:
+            self._left.discard(index)
+            part = self._parts[index]
+            if not self._left:
+                self._x, self._parts = None, None  # every sibling served: release the input and the projections
+            return part
+        weight = self._concatenated(x)
+        if weight.device != x.device:
+            return None
+        self._parts = torch.nn.functional.linear(x, weight).split([m.rank for m in self.members], dim=-1)
+        self._x, self._left = x, set(range(len(self.members))) - {index}
+        return self._parts[index]

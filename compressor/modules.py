@@ -38,15 +38,15 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-        self._shared: SharedInputA | None = None  # fuse_siblings: one GEMM for the A factors of q/k/v, gate/up
-        self._register_state_dict_hook(_contiguous_factors)
+        self._shared: kernels.SharedInputA | None = None  # fuse_siblings: one A GEMM for q/k/v, gate/up
+        self._register_state_dict_hook(kernels.contiguous_factors)
 
     def prepare(self) -> str:
         """Load time: keep A and B with their transposes contiguous — the same values with other strides, so no
         stored tensor changes (state_dict() hands out contiguous copies). F.linear(x, W) multiplies by Wᵀ; with Wᵀ
         contiguous a few rows times a thin factor take BLAS's streaming path: SmolLM2 svd-llm-40 decode 1.57× dense
         instead of 1.19× with row-major factors, prefill 1.38× instead of 1.32× (2-core CPU, 1 thread, fp32)."""
-        _transpose_in_memory(self.A, self.B)
+        kernels.transpose_in_memory(self.A, self.B)
         return "transposed"
 
     def forward(self, x):
@@ -75,64 +75,10 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _contiguous_factors(module, state_dict, prefix, local_metadata):
-    """state_dict hook: factors kept transposed in memory (prepare()) are written row-major, as stored."""
-    for name in ("A.weight", "B.weight", "lora_A.weight", "lora_B.weight"):
-        key = prefix + name
-        if key in state_dict and not state_dict[key].is_contiguous():
-            state_dict[key] = state_dict[key].contiguous()
-
-
-def _transpose_in_memory(*linears: nn.Linear) -> None:
-    """Keep each weight with its transpose contiguous: same values, other strides (see LowRankLinear.prepare)."""
-    with torch.no_grad():
-        for linear in linears:
-            w = linear.weight
-            if w.is_contiguous() and min(w.shape) > 1:
-                w.data = w.data.T.contiguous().T
-
-
-class SharedInputA:
-    """The A factors of sibling LowRankLinears that read the same input (q/k/v, gate/up) as one GEMM: concatenated
-    once (again if a factor, its device or dtype changes); the first sibling called computes every sibling's A x
-    and each other sibling takes its slice when handed the very same tensor (anything else: its own A). Not a module:
-    nothing is registered, saved or trained."""
-
-    def __init__(self, members: list["LowRankLinear"]):
-        self.members = members
-        self._weight, self._key = None, None
-        self._x, self._parts, self._left = None, None, set()
-
-    def nbytes(self) -> int:
-        return self._weight.numel() * self._weight.element_size() if self._weight is not None else 0
-
-    def _concatenated(self, x) -> torch.Tensor:
-        key = (x.dtype, *((m.A.weight._version, m.A.weight.data_ptr()) for m in self.members))
-        if key != self._key:  # (Σ rank, in) with its transpose contiguous, as LowRankLinear.prepare keeps A
-            self._weight = torch.cat([m.A.weight.detach().to(x.dtype).T for m in self.members], dim=1).T
-            self._key = key
-        return self._weight
-
-    def project(self, member, x) -> torch.Tensor | None:
-        index = self.members.index(member)
-        if x is self._x and index in self._left:
-            self._left.discard(index)
-            part = self._parts[index]
-            if not self._left:
-                self._x, self._parts = None, None  # every sibling served: release the input and the projections
-            return part
-        weight = self._concatenated(x)
-        if weight.device != x.device:
-            return None
-        self._parts = nn.functional.linear(x, weight).split([m.rank for m in self.members], dim=-1)
-        self._x, self._left = x, set(range(len(self.members))) - {index}
-        return self._parts[index]
-
-
 @torch.no_grad()
 def fuse_siblings(model: nn.Module, example: torch.Tensor | None = None) -> list[list[str]]:
-    """Give the LowRankLinears that read the same input one shared A GEMM (SharedInputA). The siblings are found the
-    way calibration finds them (compressor/stats.py): from which tensor each module receives in one forward of
+    """Give the LowRankLinears that read the same input one shared A GEMM (kernels.SharedInputA). The siblings are
+    found the way calibration finds them (compressor/stats.py): from which tensor each module receives in one forward of
     `example` (default: one token id 0), not from names. Changes no stored tensor. Returns the fused groups."""
     names = {m: n for n, m in model.named_modules() if type(m) is LowRankLinear}
     seen: list[tuple[torch.Tensor, LowRankLinear]] = []  # the tensors are kept alive so their identities stay unique
@@ -153,7 +99,7 @@ def fuse_siblings(model: nn.Module, example: torch.Tensor | None = None) -> list
     fused = []
     for members in groups.values():
         if len(members) > 1 and len({(m.in_features, m.A.weight.dtype) for m in members}) == 1:
-            shared = SharedInputA(members)
+            shared = kernels.SharedInputA(members)
             for m in members:
                 m._shared = shared
             fused.append([names[m] for m in members])
@@ -179,7 +125,7 @@ class QuantLinear(nn.Module):
         self._packed: kernels.Packed | None = None
         self._fallback = False
         self.use_kernel = True
-        self._register_state_dict_hook(_contiguous_factors)
+        self._register_state_dict_hook(kernels.contiguous_factors)
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not touch the fp16 scales (part of the packed format): a round trip through
@@ -203,7 +149,7 @@ class QuantLinear(nn.Module):
         if self._packed is not None:
             return self._packed.kind
         if self.rank:
-            _transpose_in_memory(self.lora_A, self.lora_B)  # the EoRA residual's thin factors, as LowRankLinear's
+            kernels.transpose_in_memory(self.lora_A, self.lora_B)  # EoRA's thin factors, as LowRankLinear's
         device = self.qweight.device
         reason = kernels.fallback_reason(self.bits, self.group_size, self.in_features, self.out_features, device)
         if reason is None:
@@ -291,7 +237,7 @@ class LowRankSparseLinear(nn.Module):
             index_dtype = sparse_index_dtype(max(in_features, out_features))
         self.S_values = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self._fast: tuple | None = None  # (weights key, path, CSR S or merged W): derived at load time, never saved
-        self._register_state_dict_hook(_contiguous_factors)
+        self._register_state_dict_hook(kernels.contiguous_factors)
         self.use_kernel = True  # False: the differentiable densify-per-forward reference path
         if fmt == "bitmask":
             mask_shape = (out_features, (in_features + 7) // 8)
@@ -339,7 +285,7 @@ class LowRankSparseLinear(nn.Module):
             path = kernels.sparse_path(self.nnz, self.out_features, self.in_features, like.device)
             if path == "csr":
                 tensor = kernels.csr(self.sparse_weight(like.dtype))
-                _transpose_in_memory(self.A, self.B)
+                kernels.transpose_in_memory(self.A, self.B)
             else:  # with its transpose contiguous, like the low-rank factors (LowRankLinear.prepare)
                 tensor = self.dense_weight().to(like.dtype).T.contiguous().T
         self._fast = (self._weights_key(like), path, tensor)  # after the transposition moved A and B

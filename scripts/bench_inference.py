@@ -180,9 +180,9 @@ def load(path, kind: str, dtype, device):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if kind == "dense-T":
-        from compressor.modules import _transpose_in_memory
+        from compressor.kernels import transpose_in_memory
 
-        _transpose_in_memory(*[m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
+        transpose_in_memory(*[m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
                                m is not model.get_output_embeddings()])
     return model
 
@@ -331,8 +331,8 @@ def main():
         parser.error("--reuse needs --workdir")
     with tempfile.TemporaryDirectory() as folder:
         dense_dir, compressed, dtype = build_checkpoints(args, args.workdir or Path(folder), device)
-        paths = {"dense": (dense_dir, "dense"), **({"dense Wᵀ": (dense_dir, "dense-T")} if args.dense_transposed else {}),
-                 **{label: (path, "lrc") for label, path in compressed}}
+        control = {"dense Wᵀ": (dense_dir, "dense-T")} if args.dense_transposed else {}
+        paths = {"dense": (dense_dir, "dense"), **control, **{label: (path, "lrc") for label, path in compressed}}
         models = {label: load(path, kind, dtype, device) for label, (path, kind) in paths.items()}
         records = measure(models, workload, device=device, repeats=args.repeats)
         del models

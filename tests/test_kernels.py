@@ -269,7 +269,8 @@ def test_fuse_siblings_shares_one_A_gemm_with_the_same_logits(tiny_model, calib_
         fused = model(ids).logits
     assert len(calls) == 4  # only o_proj and down_proj still call their own A (2 layers)
     torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and set(state) == set(model.state_dict())
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
     loaded = api.load_compressed(out, fuse_siblings=True)
     assert sum(m._shared is not None for m in loaded.modules() if isinstance(m, LowRankLinear)) == 10
