@@ -82,7 +82,8 @@ def fuse_siblings(model: nn.Module, example: torch.Tensor | None = None) -> list
     `example` (default: one token id 0), not from names. Changes no stored tensor. Returns the fused groups."""
     names = {m: n for n, m in model.named_modules() if type(m) is LowRankLinear}
     seen: list[tuple[torch.Tensor, LowRankLinear]] = []  # the tensors are kept alive so their identities stay unique
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((args[0], mod))) for m in names]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((args[0], mod)) if args else None)
+             for m in names]  # a module called with keyword arguments only is left unfused
     for m in names:
         m._shared = None
     try:
