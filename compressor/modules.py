@@ -44,8 +44,9 @@ class LowRankLinear(nn.Module):
     def prepare(self) -> str:
         """Load time: keep A and B with their transposes contiguous — the same values with other strides, so no
         stored tensor changes (state_dict() hands out contiguous copies). F.linear(x, W) multiplies by Wᵀ; with Wᵀ
-        contiguous a few rows times a thin factor take BLAS's streaming path: SmolLM2 svd-llm-40 decode 1.57× dense
-        instead of 1.19× with row-major factors, prefill 1.38× instead of 1.32× (2-core CPU, 1 thread, fp32)."""
+        contiguous a few rows times a thin factor take BLAS's faster path (SmolLM2 svd-llm-40 batch-1 decode, one CPU
+        thread: ~1.5× dense against ~1.2× with row-major factors; scripts/bench_inference.py's "dense Wᵀ" row shows
+        what the same layout does for the dense model)."""
         kernels.transpose_in_memory(self.A, self.B)
         return "transposed"
 
