@@ -170,12 +170,12 @@ def measure(models: dict, workload: Workload, *, device="cpu", repeats: int = 5)
 
 
 def load(path, kind: str, dtype, device):
-    """kind "lrc": an lrc checkpoint as `load_compressed` returns it; "dense": the checkpoint as transformers loads
+    """kind "lrc": an lrc checkpoint as `load_compressed` returns it ("lrc-fused": with fuse_siblings); "dense": the checkpoint as transformers loads
     it; "dense-T": the same with every decoder linear's weight transposed in memory, the layout lrc's low-rank
     modules take at load time (LowRankLinear.prepare) — the control that separates the layout's share of their speed
     from the rank's."""
-    if kind == "lrc":
-        return api.load_compressed(path, dtype=dtype, device=device).eval()
+    if kind in ("lrc", "lrc-fused"):
+        return api.load_compressed(path, dtype=dtype, device=device, fuse_siblings=kind == "lrc-fused").eval()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -297,6 +297,8 @@ def main():
                         help=f"comma-separated recipes to compare with dense (default: {','.join(RECIPES)})")
     parser.add_argument("--no-dense-transposed", dest="dense_transposed", action="store_false",
                         help="skip the 'dense Wᵀ' control row (dense weights in the low-rank modules' memory layout)")
+    parser.add_argument("--fuse-siblings", action="store_true",
+                        help="add each svd recipe again, loaded with fuse_siblings=True (one A GEMM for q/k/v, gate/up)")
     parser.add_argument("--workdir", type=Path, help="keep the compressed checkpoints here (default: a temp dir)")
     parser.add_argument("--reuse", action="store_true",
                         help="benchmark checkpoints already in --workdir instead of compressing again")
@@ -333,6 +335,8 @@ def main():
         dense_dir, compressed, dtype = build_checkpoints(args, args.workdir or Path(folder), device)
         control = {"dense Wᵀ": (dense_dir, "dense-T")} if args.dense_transposed else {}
         paths = {"dense": (dense_dir, "dense"), **control, **{label: (path, "lrc") for label, path in compressed}}
+        if args.fuse_siblings:  # the low-rank rows again, q/k/v and gate/up sharing one A GEMM
+            paths.update({f"{label} fused": (path, "lrc-fused") for label, path in compressed if "svd" in label})
         models = {label: load(path, kind, dtype, device) for label, (path, kind) in paths.items()}
         records = measure(models, workload, device=device, repeats=args.repeats)
         del models
