@@ -147,10 +147,7 @@ def test_compressed_model_save_load_same_logits(tiny_model, calib_ids, tmp_path)
     model = tiny_model("llama")
     result = api.compress(model, "rtn-4bit", batches=calib_ids(2, 16))
     assert all(m.prepare() == "int4" for m in model.modules() if isinstance(m, QuantLinear))
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        before = model(ids).logits
-    loaded = api.load_compressed(result.save(tmp_path / "out"))
+    ids, before, loaded = _logits_then_reload(model, result, tmp_path)
     quant_modules = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert quant_modules and all(m._packed is not None for m in quant_modules)  # converted at load time
     with torch.no_grad():
@@ -223,10 +220,7 @@ def test_lowrank_sparse_checkpoint_roundtrip_same_logits(tiny_model, calib_ids, 
 
     model = tiny_model("llama")
     result = api.compress(model, load_recipe("lowrank-sparse-50", ["options.iterations=2"]), batches=calib_ids(2, 16))
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        before = model(ids).logits
-    loaded = api.load_compressed(result.save(tmp_path / "out"))
+    ids, before, loaded = _logits_then_reload(model, result, tmp_path)
     sparse = [m for m in loaded.modules() if isinstance(m, LowRankSparseLinear)]
     assert sparse and all(m._fast is not None for m in sparse)  # prepared at load time
     with torch.no_grad():
@@ -319,3 +313,13 @@ def test_torch_compile_of_a_loaded_model_matches_eager(tiny_model, calib_ids, tm
         eager = loaded(ids).logits
         compiled = torch.compile(loaded)(ids).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def _logits_then_reload(model, result, tmp_path):
+    """(ids, the compressed model's logits on them, the model saved and loaded back by load_compressed)."""
+    from compressor import api
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    return ids, before, api.load_compressed(result.save(tmp_path / "out"))
