@@ -29,7 +29,7 @@ from compressor.modules import COMPRESSED_MODULES
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
-_RESERVED = {CONFIG_NAME, "generation_config.json", "model.safetensors", "model.safetensors.index.json"}
+_RESERVED = {CONFIG_NAME, "generation_config.json", "model.safetensors", INDEX_NAME}
 
 
 def save_compressed(
@@ -215,8 +215,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield tmp
-        _apply_umask(tmp)
-        _move_into_place(tmp, out_dir, overwrite)
+        publish(tmp, out_dir, overwrite)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         full = out_of_space(exc, out_dir)
