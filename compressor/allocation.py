@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import replace
+
+from compressor.byte_budget import allocate_bytes
 from compressor.errors import UserError
 from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank, round_rank
 from compressor.registry import SPECTRUM_UNITS
@@ -32,6 +35,11 @@ from compressor.registry import SPECTRUM_UNITS
 def validate_allocation(recipe, method) -> None:
     """Refuse, before any calibration work, an allocation that `method`'s spectrum cannot support."""
     if recipe.allocation == "uniform":
+        return
+    if method.choices is not None:  # a byte budget over encodings (compressor/byte_budget.py): output-error units
+        if recipe.allocation != "global":
+            raise UserError(f"'{method.name}' spends a byte budget across targets with allocation 'global'; "
+                            f"'{recipe.allocation}' is for low-rank methods")
         return
     if not method.factorizes or method.spectrum is None:
         raise UserError(f"allocation '{recipe.allocation}' needs a low-rank method; '{method.name}' has no rank to allocate")
@@ -94,7 +102,7 @@ class Spectra:
         if self.by_loss and fisher is None:
             raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.fisher.collect_fisher)")
         self.scales = loss_weights(fisher, [n for t in layer_targets for n in t]) if self.by_loss else {}
-        self.spectra, self.weighted, self.shapes = {}, {}, {}
+        self.spectra, self.weighted, self.shapes, self.choices = {}, {}, {}, {}
 
     @torch.no_grad()
     def add_layer(self, index: int, groups: dict[str, list[str]], stats: dict) -> None:
@@ -102,8 +110,11 @@ class Spectra:
         for owner, names in groups.items():
             for name in names:
                 W = targets[name].weight.detach().to(torch.float32)[None]
-                self.spectra[name] = self.method.spectrum(W, stats[owner], self.options)[0].cpu()
                 self.shapes[name] = tuple(W.shape[1:])
+                if self.method.choices is not None:
+                    self.choices[name] = self.method.choices(W[0], stats[owner], self.options, self.scales.get(name))
+                    continue
+                self.spectra[name] = self.method.spectrum(W, stats[owner], self.options)[0].cpu()
                 if self.by_loss:  # rows of W are output channels: diag(√h)·W weighs the output error by h
                     d = self.scales[name].to(W.device)[None, :, None]
                     self.weighted[name] = self.method.spectrum(W.double() * d, stats[owner], self.options)[0].cpu()
@@ -111,6 +122,8 @@ class Spectra:
 
     def allocate(self) -> dict[str, tuple[int | None, float | None]]:
         opts, spectra, shapes = self.recipe.allocation_options, self.spectra, self.shapes
+        if self.method.choices is not None:
+            return self._allocate_bytes()
         if self.recipe.allocation == "energy":
             ranks = allocate_energy(spectra, shapes, opts.energy)
         elif self.by_loss:
@@ -124,6 +137,18 @@ class Spectra:
             name: (ranks[name], None if ranks[name] is None else predicted_relative_error(spectra[name], ranks[name]))
             for name in spectra
         }
+
+
+    def _allocate_bytes(self) -> dict:
+        """Byte budget: size_ratio × the targets' dense bytes in the output dtype (`dense_bits`, which the pipeline
+        fills in), one encoding per target."""
+        element = (self.options.dense_bits or 16) // 8
+        budget = self.options.size_ratio * sum(m * n * element for m, n in self.shapes.values())
+        offered = self.choices
+        if self.recipe.allocation_options.weight == "relative":  # errors relative to each target's ‖W X‖²
+            offered = {name: [replace(c, error=c.predicted ** 2) for c in cs] for name, cs in offered.items()}
+        chosen = allocate_bytes(offered, budget)
+        return {name: (c.encoding, c.predicted) for name, c in chosen.items()}
 
 
 def needs_output_gradients(recipe) -> bool:

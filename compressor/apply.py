@@ -107,18 +107,19 @@ def compress_layer(
         for name in names:
             m, n = targets[name].weight.shape
             rank = None
-            if method.factorizes:
+            if method.choices is not None and allocated is not None:  # the encoding a byte budget chose
+                rank = allocated[name][0]
+                if rank is None:
+                    _keep_dense(reports, name, targets[name], "the byte allocation kept it dense", element_size)
+                    continue
+            elif method.factorizes:
                 if allocated is not None:
                     rank = allocated[name][0]
                     reason = "" if rank is not None else "rank allocation kept it dense (no rank saves parameters)"
                 else:
                     rank, reason = resolve_rank(m, n, options)
                 if rank is None:
-                    bias = targets[name].bias
-                    dense = m * n + (0 if bias is None else bias.numel())
-                    nbytes = dense * element_size
-                    reports.append(ModuleReport(name, (m, n), False, None, dense, dense, 0.0, 0.0, 0, 0.0, reason,
-                                                bytes_before=nbytes, bytes_after=nbytes))
+                    _keep_dense(reports, name, targets[name], reason, element_size)
                     continue
             buckets.setdefault((m, n, rank), []).append(name)
         for (m, n, rank), members in buckets.items():
@@ -149,3 +150,11 @@ def compress_layer(
                 lin.to("meta")
         stats[owner].release_derived()
     return reports
+
+
+def _keep_dense(reports: list, name: str, linear: nn.Linear, reason: str, element_size: int) -> None:
+    m, n = linear.weight.shape
+    dense = m * n + (0 if linear.bias is None else linear.bias.numel())
+    nbytes = dense * element_size
+    reports.append(ModuleReport(name, (m, n), False, None, dense, dense, 0.0, 0.0, 0, 0.0, reason,
+                                bytes_before=nbytes, bytes_after=nbytes))

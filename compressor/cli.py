@@ -35,6 +35,9 @@ class _App(click.Group):
 @click.version_option(package_name="lrc")
 def app():
     """lrc: compress LLMs after training with low-rank decompositions, and report honestly what it cost."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lrc draws its own progress; transformers' bars would interleave
 
 
 def _device_options(f):
@@ -50,8 +53,9 @@ def _device_options(f):
 @click.argument("model")
 @click.option("--recipe", "-r", default=None,
               help="built-in recipe name (lrc recipes list) or a YAML path; with --target-size alone: auto")
-@click.option("--target-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="store every targeted linear in at most this fraction of its dense bytes (sets size_ratio)")
+@click.option("--target-size", default=None, metavar="X",
+              help="a fraction (0.4): the targeted linears in at most that share of their dense bytes (sets "
+                   "size_ratio); a size (4.5GB, 800MiB): the whole checkpoint's weights in at most that")
 @click.option("--output", "-o", required=True, type=click.Path(), help="output directory (must not exist)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe field: bare method option (param_ratio=0.7) or dotted path")
@@ -78,13 +82,18 @@ def compress(model, recipe, target_size, output, overrides, calib, nsamples, seq
              eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype,
              trust_remote_code):
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
-    from compressor.workflow import compress_checkpoint
+    from compressor.workflow import compress_checkpoint, parse_target_size
 
     if recipe is None and target_size is None:
         raise UserError("compress needs --recipe (lrc recipes list) or --target-size")
     recipe = recipe or "auto"
-    if target_size is not None:  # first: an explicit --set size_ratio still wins
-        overrides = (f"size_ratio={target_size}", *overrides)
+    target_bytes = None
+    if target_size is not None:
+        kind, value = parse_target_size(target_size)
+        if kind == "ratio":  # first: an explicit --set size_ratio still wins
+            overrides = (f"size_ratio={value}", *overrides)
+        else:
+            target_bytes = value
 
     evaluate_ppl = evaluate_ppl or eval_data is not None  # asking for evaluation data means evaluating
     extra = [f"calibration.{k}={v}" for k, v in (("nsamples", nsamples), ("seqlen", seqlen), ("seed", seed))
@@ -95,7 +104,7 @@ def compress(model, recipe, target_size, output, overrides, calib, nsamples, seq
         model, recipe, output, overrides=tuple(overrides) + tuple(extra), calib=calib, evaluate_ppl=evaluate_ppl,
         eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, device=device, dtype=dtype,
         overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots, low_memory=low_memory,
-        resume=resume,
+        resume=resume, target_bytes=target_bytes,
     )
     out.print(_summary_table(report))
     out.print(f"wrote {output}/ (report.md, report.json, recipe.yaml, weights)")
@@ -250,9 +259,6 @@ def export(out, dense, quantized_adapter, output, overwrite):
 
 
 def main():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # lrc draws its own progress; transformers' bars would interleave
     app(prog_name="lrc")
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from compressor import registry
 from compressor.allocation import allocate_ranks, needs_output_gradients, validate_allocation
-from compressor.apply import ModuleReport, compress_layer
+from compressor.apply import ModuleReport, compress_layer, with_dense_bits
 from compressor.errors import UserError
 from compressor.fisher import fisher_of_targets, per_module_fisher
 from compressor.planning import plan_ranks
@@ -133,6 +133,7 @@ class Compression:
         if recipe.allocation == "uniform":
             return statistics
         t0 = time.perf_counter()
+        options = with_dense_bits(self.options, self.storage_dtype or _first_dtype(self.layer_targets))
         loss_fisher = self.fisher  # `weight: loss` reads the output gradients of the same dense Fisher pass
         if needs_output_gradients(recipe) and loss_fisher is None:
             if batches is None:
@@ -146,10 +147,10 @@ class Compression:
             statistics = collect_statistics(self.model, batches, [recipe], device=self.device,
                                             batch_size=self.batch_size, fisher=self.fisher)
         if statistics is not None:
-            self.allocated = allocate_ranks(recipe, self.method, self.options, self.layer_targets, statistics,
+            self.allocated = allocate_ranks(recipe, self.method, options, self.layer_targets, statistics,
                                             fisher=loss_fisher)
         else:  # a planning pass that keeps only the spectra (and reads layers from disk with --low-memory)
-            self.allocated = plan_ranks(self.model, batches, recipe, self.method, self.options, self.layer_targets,
+            self.allocated = plan_ranks(self.model, batches, recipe, self.method, options, self.layer_targets,
                                         self.needs, fisher=self.fisher, loss_fisher=loss_fisher, device=self.device,
                                         batch_size=self.batch_size, layer_io=self.layer_io)
         self.timings["allocation"] = time.perf_counter() - t0
@@ -248,6 +249,13 @@ class Compression:
         if self.storage_dtype is not None:
             _round_through(self.model, self.storage_dtype)
         self.timings["compress_total"] = time.perf_counter() - self.started
+
+
+def _first_dtype(layer_targets) -> torch.dtype:
+    for targets in layer_targets:
+        for module in targets.values():
+            return module.weight.dtype
+    return torch.float32
 
 
 def _check_fixed_rank(rank: int | None, layer_targets) -> None:

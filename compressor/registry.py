@@ -48,6 +48,11 @@ class Method:
     spectrum: Callable | None = None
     extra_needs: Callable | None = None  # options -> further statistics names (validated when asked)
     spectrum_units: str | None = None  # one of SPECTRUM_UNITS; required with a spectrum
+    # (W[m,n], stats, options, row_weight) -> [byte_budget.Choice]: the encodings a method can build for one target
+    # with exact bytes and predicted output error (row_weight: √h per output channel, or None), for
+    # `allocation: global` under a byte budget (compressor/byte_budget.py); the chosen Choice.encoding comes back
+    # to `decompose` as its `rank`. None: no byte allocation.
+    choices: Callable | None = None
 
     def needs_for(self, options) -> frozenset:
         """The statistics this method needs with these options."""
@@ -61,7 +66,7 @@ _METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool, summary: str, spectrum=None,
-             spectrum_units: str | None = None, extra_needs=None):
+             spectrum_units: str | None = None, extra_needs=None, choices=None):
     unknown = set(needs) - KNOWN_STATS
     if unknown:
         raise ValueError(f"method {name!r} needs unknown statistics {sorted(unknown)}")
@@ -74,7 +79,7 @@ def register(name: str, *, needs=(), options: type[BaseModel], factorizes: bool,
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = Method(name, fn, frozenset(needs), options, factorizes, summary, spectrum, extra_needs,
-                                spectrum_units)
+                                spectrum_units, choices)
         return fn
 
     return wrap

@@ -85,6 +85,8 @@ def build_report(result, *, model_source: str, params_before: int, params_after:
         "recipe": result.recipe.name,
         "method": result.recipe.method,
         "options": result.recipe.method_options().model_dump(),
+        "allocation": result.recipe.allocation,
+        "allocation_weight": result.recipe.allocation_options.weight if result.recipe.allocation == "global" else None,
         "sequential_inputs": result.recipe.sequential.inputs,
         "sequential_granularity": result.recipe.sequential.granularity,
         "refinement": [r.to_dict() for r in getattr(result, "refinement", [])],
@@ -121,6 +123,45 @@ def data_lines(report: dict) -> list[str]:
     return lines
 
 
+def _allocation_words(report: dict) -> str:
+    allocation = report.get("allocation")
+    if allocation in (None, "uniform"):
+        return ""
+    weight = report.get("allocation_weight")
+    return f", allocation: {allocation}" + (f" (errors weighted {weight})" if weight else "")
+
+
+def describe_spec(spec: dict | None) -> str:
+    """A module's encoding in words: 'dense', 'low rank', '4-bit (g128) + rank-r residual', '8-bit factors'…"""
+    if not spec:
+        return "dense"
+    kind = spec.get("kind")
+    if kind == "quant":
+        words = f"{spec['bits']}-bit (g{spec['group_size']})"
+        return words + (" + low-rank residual" if spec.get("rank") else "")
+    if kind == "lowrank_quant":
+        return f"low rank, {spec['bits']}-bit factors"
+    return {"lowrank": "low rank"}.get(kind, str(kind).replace("_", " "))
+
+
+def encoding_lines(modules: list[dict]) -> list[str]:
+    """Which encodings the targets got, with their bytes and mean predicted vs measured output error."""
+    groups: dict[str, list[dict]] = {}
+    for m in modules:
+        groups.setdefault(describe_spec(m["spec"] if m["compressed"] else None), []).append(m)
+    if len(groups) < 2 and not any(m.get("predicted_rel_output_error") is not None for m in modules):
+        return []
+    lines = ["| encoding | targets | bytes after | mean rel. output err (measured) | (predicted) |",
+             "|---|---:|---:|---:|---:|"]
+    mean = lambda xs: "—" if not xs else f"{sum(xs) / len(xs):.4f}"  # noqa: E731
+    for name, ms in sorted(groups.items(), key=lambda kv: -sum(m.get("bytes_after") or 0 for m in kv[1])):
+        measured = [m["rel_output_error"] for m in ms if m["rel_output_error"] is not None]
+        predicted = [m["predicted_rel_output_error"] for m in ms if m.get("predicted_rel_output_error") is not None]
+        lines.append(f"| {name} | {len(ms)} | {_fmt_bytes(sum(m.get('bytes_after') or 0 for m in ms))} | "
+                     f"{mean(measured)} | {mean(predicted)} |")
+    return lines + [""]
+
+
 def render_markdown(report: dict, plots=()) -> str:
     """report.md. `plots`: PNG paths relative to the report's folder (e.g. `plots/rank.png`, from
     compressor.plots.write_plots); each is embedded as an image, in the given order; none: no images."""
@@ -128,7 +169,8 @@ def render_markdown(report: dict, plots=()) -> str:
     lines = [
         f"# lrc report — {report['model']} with `{report['recipe']}`",
         "",
-        f"Method `{report['method']}`, options `{report['options']}`, layer inputs: {report['sequential_inputs']}.",
+        f"Method `{report['method']}`, options `{report['options']}`, layer inputs: {report['sequential_inputs']}"
+        + _allocation_words(report) + ".",
         "",
         "| | before | after | ratio |",
         "|---|---:|---:|---:|",
@@ -157,6 +199,7 @@ def render_markdown(report: dict, plots=()) -> str:
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()),
         "",
     ]
+    lines += encoding_lines(report["modules"])
     refinement = report.get("refinement") or []
     if refinement:
         lines += ["Block refinement (relative output error² of each decoder layer on the calibration windows):", "",

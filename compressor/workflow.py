@@ -10,11 +10,14 @@ text), so bad input fails in a second with one line and nothing on disk.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -150,9 +153,11 @@ def compress_checkpoint(
     with_plots: bool = True,
     low_memory: bool = False,
     resume: bool = False,
+    target_bytes: int | None = None,
 ) -> dict:
     """`resume`: finish the run an interruption left in `.OUT.partial/` (compressor/journal.py); without it such a
-    leftover is refused before any work."""
+    leftover is refused before any work. `target_bytes`: the whole checkpoint's weights in at most this many bytes
+    (sets the recipe's size_ratio for the targeted linears: what the rest of the checkpoint leaves them)."""
     out = Path(out)
     source_bytes = check_model_source(model_name)  # a typo'd path: one line now, not hub retries
     check_output(out, overwrite=overwrite, expected_bytes=source_bytes, source=model_name)  # not after the run
@@ -178,6 +183,9 @@ def compress_checkpoint(
     timings["load"] = time.perf_counter() - t0
     select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
     params_before, bytes_before = count_parameters(model), state_bytes(model, storage)
+    if target_bytes is not None:
+        ratio = size_ratio_for_bytes(model, recipe, storage, target_bytes, bytes_before)
+        recipe = load_recipe(recipe_name, (f"size_ratio={ratio}", *overrides))
     seqlen = default_eval_seqlen(model, eval_seqlen)
     ppl = {}
     if evaluate_ppl:
@@ -226,6 +234,43 @@ def compress_checkpoint(
         result.save(out, tokenizer=tok, report=report, report_md=markdown, overwrite=overwrite, extra_files=plots)
     journal.discard()
     return report
+
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+              "gib": 2**30, "tib": 2**40}
+
+
+def parse_target_size(text: str) -> tuple[str, float | int]:
+    """'0.4' -> ("ratio", 0.4); '4.5GB' / '800 MiB' / '123456789' (bytes) -> ("bytes", n)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if match is None or match.group(2) not in SIZE_UNITS and match.group(2) != "":
+        raise UserError(f"--target-size {text!r}: give a fraction such as 0.4 or a size such as 4.5GB / 800MiB")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and 0 < number < 1:
+        return "ratio", number
+    if not unit and number.is_integer() and number >= 1:
+        return "bytes", int(number)
+    if unit and number > 0:
+        return "bytes", int(number * SIZE_UNITS[unit])
+    raise UserError(f"--target-size {text!r}: a fraction must lie strictly between 0 and 1; a size needs a unit "
+                    "(4.5GB, 800MiB) or a whole number of bytes")
+
+
+def size_ratio_for_bytes(model, recipe, storage, target_bytes: int, bytes_before: int) -> float:
+    """The targets' size_ratio that makes the whole checkpoint's weights at most `target_bytes`: everything lrc does
+    not compress (embeddings, norms, lm_head, biases) keeps its bytes; the targets' weights share the rest."""
+    element = torch.empty((), dtype=storage).element_size()
+    targets = sum(t.weight.numel() for layer in select_targets(model, recipe.targets, recipe.ignore)
+                  for t in layer.values()) * element
+    fixed = bytes_before - targets
+    ratio = math.floor((target_bytes - fixed) / targets * 1e6) / 1e6  # rounded down: never over the size asked
+    if target_bytes >= bytes_before:
+        raise UserError(f"--target-size {target_bytes:,} bytes is not below the dense checkpoint's "
+                        f"{bytes_before:,} bytes: nothing to compress")
+    if ratio <= 0:
+        raise UserError(f"--target-size {target_bytes:,} bytes: the weights lrc does not compress (embeddings, "
+                        f"norms, lm_head) already take {fixed:,} bytes")
+    return ratio
 
 
 def _merged(workflow: dict, compression: dict) -> dict:

@@ -366,3 +366,24 @@ def test_target_size_budgets_bytes_with_auto_or_the_given_recipe(tiny_checkpoint
     report = json.loads((tmp_path / "int8" / "report.json").read_text())
     assert report["options"]["factor_bits"] == 8 and report["totals"]["size_ratio"] <= 0.3
     one_error_line(run("compress", tiny_checkpoint, "-o", tmp_path / "none"), "--target-size")
+
+
+def test_target_size_in_bytes_bounds_the_whole_checkpoint(tiny_checkpoint, tmp_path):
+    """An absolute size is the whole checkpoint's weights: what embeddings and norms take is left out of the
+    targets' share, and the written weights fit."""
+    from tests.helpers import one_error_line, run
+
+    before = sum(f.stat().st_size for f in Path(tiny_checkpoint).glob("*.safetensors"))
+    goal = int(before * 0.6)
+    result = run("compress", tiny_checkpoint, "--target-size", f"{goal / 1000:.3f}kB", "-o", tmp_path / "b",
+                 "--no-plots", *FAST_CALIB)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    t = report["totals"]
+    assert t["weight_bytes_after"] <= goal < t["weight_bytes_before"]
+    assert t["weight_bytes_after"] > goal - 0.03 * t["weight_bytes_before"]  # spent, not wasted
+    assert report["options"]["size_ratio"] < 0.6  # the embeddings keep their bytes: the targets get less
+    for bad, words in (("12", "embeddings"), (f"{before * 2}", "nothing to compress"), ("1.5", "fraction"),
+                       ("4 parsecs", "4.5GB")):
+        one_error_line(run("compress", tiny_checkpoint, "--target-size", bad, "-o", tmp_path / "x"), words)
+        assert not (tmp_path / "x").exists()

@@ -1,108 +1,227 @@
-"""`auto`: per target, the encoding with the least output error that fits a byte budget (recipe `auto`).
+"""`auto`: every target gets the encoding with the least output error that its byte budget pays for (recipe `auto`,
+`lrc compress --target-size`).
 
-Every target gets the same budget, D = `size_ratio` × its dense bytes in the output dtype (`dense_bits`). Each
-candidate encoding that fits D is built and scored by its output error on the calibration inputs,
-‖(W − Ŵ)X‖²_F = tr(Δ G Δᵀ) (G the Gram); the smallest wins. Candidates (`candidates`):
-- `svd-llm`:        whitened truncation (SVD-LLM), factors in the output dtype, the largest rank that fits;
-- `svd-llm-int8`, `svd-llm-int4`: the same with 8-/4-bit factors (compressor/methods/factor_quant.py), about 2×/4×
-                    the rank;
-- `gptq-8bit`, `gptq-4bit`: GPTQ with `group_size` columns per scale (≈ 0.51× / 0.26× of bf16 bytes);
-- `gptq-8bit+eora`, `gptq-4bit+eora`: that base plus an EoRA residual (whitened truncation of W − Q) of the
-                    rank the rest of D pays for, in the output dtype.
-When no candidate fits (D below every encoding's floor) the method raises a UserError: a budget lrc cannot meet
-is the user's one-line error, never a silent overshoot.
+Candidates (`candidates`), each at the exact bytes the checkpoint will hold (compressor.rank):
+- `svd-llm`:        whitened truncation (SVD-LLM), factors in the output dtype, rank r;
+- `svd-llm-int8`, `svd-llm-int4`: the same with 8-/4-bit factors (compressor/methods/factor_quant.py);
+- `gptq-8bit`, `gptq-4bit`, `gptq-3bit`: GPTQ with `group_size` columns per scale;
+- `gptq-Nbit+eora`: that base plus an EoRA residual (whitened truncation of W − Q) of rank r, in the output dtype.
 
-One whitening and one SVD of W S per target serve every low-rank candidate (each rank is a truncation of it).
-Cost: a few GPTQ passes per target (column loops: seconds per layer of a 135M model on a CPU).
-A greedy choice across targets (spending bytes where they remove the most error) is not done: the budget is
-uniform, the encoding is not.
+Two ways to spend the budget:
+- `allocation: global` (the recipe's default): one planning pass on the dense model offers, per target, every
+  candidate at every rank of a grid (`rank_step`) with its predicted output error (`choices`, below); a greedy
+  multiple-choice knapsack (compressor/byte_budget.py) picks one encoding per target so that all targets together
+  store at most `size_ratio` of their dense bytes, spending bytes where they remove the most error. With
+  `allocation_options.weight: loss` each output channel's error is weighted by the loss's squared gradient there
+  (compressor/allocation.py), so errors are comparable across modules. The chosen encodings are then built layer
+  by layer on the recipe's calibration inputs; the report shows each target's predicted error next to the measured.
+- `allocation: uniform`: every target gets the same budget, D = `size_ratio` × its dense bytes; each candidate
+  that fits D is built and its output error measured, and the smallest wins.
+
+Predicted errors, ‖(W − Ŵ)X‖² on the dense calibration inputs (G = X Xᵀ = S Sᵀ), per output channel weight h:
+- whitened truncation at rank r: with W S = U Σ Vᵀ, exactly Σ_{j>r} σ_j² Σ_i h_i U_ij² (the same for EoRA's
+  residual (W − Q) S);
+- GPTQ: measured, Σ_i h_i (Δ G Δᵀ)_ii;
+- quantised factors: the truncation's error plus κ × the kept energy, κ measured once per target and bit width at
+  one probe rank (factor quantisation noise is roughly a fixed fraction of what the factors carry).
+When no candidate fits the method raises a UserError: a budget lrc cannot meet is a one-line error, never a
+silent overshoot.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
 from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from compressor.byte_budget import Choice
 from compressor.errors import UserError
 from compressor.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR
+from compressor.linalg import DEFAULT_EIG_FLOOR, truncated_svd
 from compressor.methods.factor_quant import quantize_lowrank
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.rank import factor_bytes, packed_bytes, rank_for_size
 from compressor.registry import register
 
-Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-4bit", "gptq-8bit+eora",
-                    "gptq-4bit+eora"]
+Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-4bit", "gptq-3bit",
+                    "gptq-8bit+eora", "gptq-4bit+eora", "gptq-3bit+eora"]
 ALL: tuple = Candidate.__args__
+LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}
+PROBE_SIZE = 0.4  # the size (fraction of dense bytes) at which quantised factors' noise is measured
 
 
 class AutoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    size_ratio: float = Field(0.5, gt=0, lt=1, description="each target's stored bytes / its dense bytes")
+    size_ratio: float = Field(0.5, gt=0, lt=1, description="the targets' stored bytes / their dense bytes")
     candidates: tuple[Candidate, ...] = Field(ALL, min_length=1, description="encodings to choose from")
     group_size: int = Field(128, gt=0, description="columns per scale (GPTQ and quantised factors)")
+    rank_step: int = Field(8, gt=0, description="allocation: global tries ranks that are multiples of this")
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
     dense_bits: Optional[Literal[16, 32]] = Field(
         None, description="bits of one dense weight in the output dtype (the pipeline sets it; 16 when unknown)")
 
 
-def _error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float:
-    D = W - W_hat
-    return float(((D @ G) * D).sum())
+def _gptq_bits(name: str) -> int:
+    return int(name.split("-")[1].split("bit")[0])
+
+
+def _lowrank(U, s, Vh, r, inverse) -> LowRank:
+    root = s[:r].sqrt()
+    return LowRank(A=((root[:, None] * Vh[:r]) @ inverse).float(), B=(U[:, :r] * root).float())
+
+
+def _svd(M: torch.Tensor):
+    """Every singular triplet of M through eigh of its smaller Gram (linalg.truncated_svd "gram": 2-3× faster than
+    an SVD on CPUs; σ below ~1e-8 σ_max lose precision, which no error prediction here can see)."""
+    return truncated_svd(M, min(M.shape), "gram")
+
+
+def _row_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per output channel i: (Δ G Δᵀ)_ii, fp64."""
+    D = W.to(torch.float64) - W_hat.to(W.device, torch.float64)
+    return ((D @ G) * D).sum(1)
+
+
+def _tails(U, s, h) -> torch.Tensor:
+    """tails[r] = the error of the rank-r truncation, Σ_{j≥r} σ_j² Σ_i h_i U_ij² (h None: 1); tails[len] = 0."""
+    c = s.pow(2) if h is None else s.pow(2) * (h[:, None] * U.pow(2)).sum(0)
+    return torch.cat([c.flip(0).cumsum(0).flip(0), c.new_zeros(1)])
+
+
+class _Target:
+    """One (m, n) weight with its whitened SVD, shared by every low-rank candidate (each rank is a truncation)."""
+
+    def __init__(self, w, stats, white, options: AutoOptions):
+        self.w, self.stats, self.white, self.options = w, stats, white, options
+        self.m, self.n = w.shape
+        self.e = (options.dense_bits or 16) // 8
+        self.W = w.to(torch.float64)
+        self._bases = {}
+
+    @cached_property
+    def svd(self):
+        return _svd(self.W @ self.white.S)
+
+    def base(self, bits: int):
+        if bits not in self._bases:
+            self._bases[bits] = gptq_quantize(self.w, GPTQOptions(bits=bits, group_size=self.options.group_size),
+                                              self.stats)
+        return self._bases[bits]
+
+    def build(self, name: str, r: int):
+        if name in LOWRANK_BITS:
+            f = _lowrank(*self.svd, r, self.white.inverse)
+            bits = LOWRANK_BITS[name]
+            return f if bits is None else quantize_lowrank(f, self.stats.gram, bits, self.options.group_size)
+        base = self.base(_gptq_bits(name))
+        if not name.endswith("+eora"):
+            return base
+        dU, ds, dVh = _svd((self.W - base.dequantized().to(torch.float64)) @ self.white.S)
+        return replace(base, residual=_lowrank(dU, ds, dVh, r, self.white.inverse))
+
+    def bytes(self, name: str, r: int) -> int:
+        gs = self.options.group_size
+        if name in LOWRANK_BITS:
+            return factor_bytes(self.m, self.n, r, LOWRANK_BITS[name], gs, self.e)
+        base = packed_bytes(self.m, self.n, _gptq_bits(name), gs)
+        return base + (factor_bytes(self.m, self.n, r, None, None, self.e) if name.endswith("+eora") else 0)
 
 
 def candidates(w: torch.Tensor, stats, white, options: AutoOptions) -> list[tuple[str, object]]:
-    """[(name, factors)] of every candidate that fits the byte budget of the (m, n) weight `w`."""
-    m, n = w.shape
-    e = (options.dense_bits or 16) // 8
-    budget = options.size_ratio * m * n * e
-    W = w.to(torch.float64)
-    U, s, Vh = torch.linalg.svd(W @ white.S, full_matrices=False)
-
-    def lowrank(M_U, M_s, M_Vh, r, inverse) -> LowRank:
-        root = M_s[:r].sqrt()
-        return LowRank(A=((root[:, None] * M_Vh[:r]) @ inverse).float(), B=(M_U[:, :r] * root).float())
-
+    """[(name, factors)] of every candidate that fits `size_ratio` of the (m, n) weight `w`, each at the largest
+    rank that fits (uniform allocation)."""
+    t = _Target(w, stats, white, options)
+    budget = options.size_ratio * t.m * t.n * t.e
     out = []
-    for name, bits in (("svd-llm", None), ("svd-llm-int8", 8), ("svd-llm-int4", 4)):
-        if name not in options.candidates:
-            continue
-        r = rank_for_size(m, n, options.size_ratio, bits, options.group_size, e)
-        if r == 0 or (bits is None and r * (m + n) >= m * n):
-            continue
-        f = lowrank(U, s, Vh, r, white.inverse)
-        out.append((name, f if bits is None else quantize_lowrank(f, stats.gram, bits, options.group_size)))
-    for bits in (8, 4):
-        base_bytes = packed_bytes(m, n, bits, options.group_size)
-        wanted = [c for c in (f"gptq-{bits}bit", f"gptq-{bits}bit+eora") if c in options.candidates]
-        if not wanted or base_bytes > budget:
-            continue
-        base = gptq_quantize(w, GPTQOptions(bits=bits, group_size=options.group_size), stats)
-        if f"gptq-{bits}bit" in wanted:
-            out.append((f"gptq-{bits}bit", base))
-        r = min(int((budget - base_bytes) // factor_bytes(m, n, 1, None, None, e)), m, n)
-        if f"gptq-{bits}bit+eora" in wanted and r >= 1:
-            dU, ds, dVh = torch.linalg.svd((W - base.dequantized().to(torch.float64)) @ white.S, full_matrices=False)
-            out.append((f"gptq-{bits}bit+eora", replace(base, residual=lowrank(dU, ds, dVh, r, white.inverse))))
+    for name in options.candidates:
+        if name in LOWRANK_BITS:
+            r = rank_for_size(t.m, t.n, options.size_ratio, LOWRANK_BITS[name], options.group_size, t.e)
+            if r == 0 or (LOWRANK_BITS[name] is None and r * (t.m + t.n) >= t.m * t.n):
+                continue
+        elif name.endswith("+eora"):
+            left = budget - t.bytes(name, 0)
+            r = min(int(left // factor_bytes(t.m, t.n, 1, None, None, t.e)), t.m, t.n) if left > 0 else 0
+            if r < 1:
+                continue
+        else:
+            r = 0
+            if t.bytes(name, 0) > budget:
+                continue
+        out.append((f"{name}", t.build(name, r)))
     return out
 
 
-@register("auto", needs=("gram",), options=AutoOptions, factorizes=False,
+def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tensor | None = None) -> list[Choice]:
+    """Every candidate at every rank of the grid, with exact bytes and predicted output error (module docstring),
+    plus keeping the target dense. `row_weight`: √h per output channel (errors weighted by h), or None."""
+    white = stats.whitening(options.eig_floor, "eigh")
+    t = _Target(w, stats, white, options)
+    G = stats.gram.to(w.device, torch.float64)
+    h = None if row_weight is None else row_weight.to(w.device, torch.float64).pow(2)
+    U, s, _ = t.svd
+    total = float(s.pow(2).sum().clamp(min=1e-300))  # ‖W X‖² (through the clamped whitening)
+    raw, weighted = _tails(U, s, None), _tails(U, s, h)
+    dense = t.m * t.n * t.e
+    out = [Choice(None, dense, 0.0, 0.0)]
+    step, full = options.rank_step, min(t.m, t.n)
+    ranks = sorted(set(range(step, full + 1, step)) | {full})
+
+    def add(name, r, err, err_raw):
+        nbytes = t.bytes(name, r)
+        if nbytes < dense:
+            out.append(Choice((name, r), nbytes, max(err, 0.0), max(err_raw, 0.0) ** 0.5 / total ** 0.5))
+
+    for name in options.candidates:
+        bits = LOWRANK_BITS.get(name, "gptq")
+        if name in LOWRANK_BITS and bits is None:
+            for r in ranks:
+                add(name, r, float(weighted[r]), float(raw[r]))
+        elif name in LOWRANK_BITS:  # quantised factors: κ × kept energy on top of the truncation's error
+            probe = min(max(rank_for_size(t.m, t.n, PROBE_SIZE, bits, options.group_size, t.e), 1), full)
+            rows = _row_error(t.W, t.build(name, probe).dense(), G)
+            kappa = [max(float(e) - float(tail[probe]), 0.0) / max(float(tail[0] - tail[probe]), 1e-300)
+                     for e, tail in ((rows.sum(), raw), ((rows * h).sum() if h is not None else rows.sum(), weighted))]
+            for r in ranks:
+                add(name, r, float(weighted[r] + kappa[1] * (weighted[0] - weighted[r])),
+                    float(raw[r] + kappa[0] * (raw[0] - raw[r])))
+        else:
+            base = t.base(_gptq_bits(name))
+            delta = t.W - base.dequantized().to(torch.float64)
+            if not name.endswith("+eora"):
+                rows = _row_error(t.W, base.dequantized(), G)
+                add(name, 0, float(rows.sum() if h is None else (rows * h).sum()), float(rows.sum()))
+                continue
+            dU, ds, _ = _svd(delta @ white.S)
+            r_raw, r_weighted = _tails(dU, ds, None), _tails(dU, ds, h)
+            for r in ranks:
+                if r <= ds.numel():
+                    add(name, r, float(r_weighted[r]), float(r_raw[r]))
+    return out
+
+
+def _uniform(w, stats, white, options: AutoOptions, G):
+    found = candidates(w, stats, white, options)
+    if not found:
+        raise UserError(f"auto: no candidate in {list(options.candidates)} fits size_ratio "
+                        f"{options.size_ratio} of a {tuple(w.shape)} weight; raise size_ratio")
+    W64 = w.to(torch.float64)
+    return min(found, key=lambda item: float(_row_error(W64, item[1].dense(), G).sum()))[1]
+
+
+@register("auto", needs=("gram",), options=AutoOptions, factorizes=False, choices=choices,
           summary="per target, the least-output-error encoding (low rank, 8/4-bit factors, GPTQ, GPTQ+EoRA) "
-                  "within a byte budget")
+                  "within a byte budget; allocation: global spends it across targets")
 def decompose(W: torch.Tensor, stats, options: AutoOptions, rank=None) -> Decomposition:
+    """`rank`: the encoding (name, rank) that allocation: global chose for these targets; None: uniform budget."""
     white = stats.whitening(options.eig_floor, "eigh")
     G = stats.gram.to(W.device, torch.float64)
-    out = []
-    for w in W:
-        found = candidates(w, stats, white, options)
-        if not found:
-            raise UserError(f"auto: no candidate in {list(options.candidates)} fits size_ratio "
-                            f"{options.size_ratio} of a {tuple(w.shape)} weight; raise size_ratio")
-        W64 = w.to(torch.float64)
-        out.append(min(found, key=lambda item: _error(W64, item[1].dense().to(W64.device), G))[1])
+    if rank is None:
+        out = [_uniform(w, stats, white, options, G) for w in W]
+    else:
+        name, r = rank
+        out = [_Target(w, stats, white, options).build(name, r) for w in W]
     return Decomposition(out, clamped_eigenvalues=white.clamped * W.shape[0])
