@@ -29,7 +29,10 @@ POINTS = (
     + [("svd-llm+int8", "svd-llm-int8-20", [f"size_ratio={q}"]) for q in (0.8, 0.6, 0.4, 0.25)]
     + [("lowrank-sparse", "lowrank-sparse-50", [f"size_ratio={q}"]) for q in (0.5,)]
     + [("rtn", "rtn-4bit", [f"bits={b}"]) for b in (8, 4)]
-    + [("auto", "auto", [f"size_ratio={q}"]) for q in (0.6, 0.4)]
+    + [("gptq", "rtn-4bit", ["method=gptq", f"bits={b}"]) for b in (8, 4, 3)]
+    + [("gptq+eora", "eora-gptq-4bit", [f"bits={b}", f"rank={r}"]) for b, r in ((3, 32), (4, 16), (4, 48))]
+    # `lrc compress --target-size X`: the auto recipe (one byte budget, allocation: global)
+    + [("--target-size", "auto", [f"size_ratio={q}"]) for q in (0.6, 0.4, 0.3, 0.25)]
 )
 
 

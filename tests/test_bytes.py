@@ -139,6 +139,7 @@ def test_auto_picks_the_least_error_encoding_that_fits():
     options = auto.Options(size_ratio=0.6, group_size=32, dense_bits=16)
     picked = auto.decompose(torch.cat([low, noise]), stats, options).factors
     assert picked[0].spec()["kind"] == "lowrank"  # rank 6 is exact: no quantisation noise beats it
-    assert picked[1].spec() == {"kind": "quant", "bits": 8, "group_size": 32, "rank": 1}  # 6,912 + 320 <= 7,372 B
+    # 8-bit with one scale per row (the int8 kernel's layout): 6,720 B, + rank 2 · 160 · 2 B = 7,360 <= 7,372 B
+    assert picked[1].spec() == {"kind": "quant", "bits": 8, "group_size": 64, "rank": 2}
     with pytest.raises(UserError, match="no candidate"):
         auto.decompose(noise, stats, auto.Options(size_ratio=0.1, candidates=["gptq-4bit"], dense_bits=16))

@@ -59,6 +59,9 @@ class AutoOptions(BaseModel):
     size_ratio: float = Field(0.5, gt=0, lt=1, description="the targets' stored bytes / their dense bytes")
     candidates: tuple[Candidate, ...] = Field(ALL, min_length=1, description="encodings to choose from")
     group_size: int = Field(128, gt=0, description="columns per scale (GPTQ and quantised factors)")
+    group_size_8bit: Optional[int] = Field(
+        None, gt=0, description="columns per scale of 8-bit GPTQ (None: one scale per row, the layout torch's int8 "
+                                "matmul kernel takes; 8 bits need no finer groups)")
     rank_step: int = Field(8, gt=0, description="allocation: global tries ranks that are multiples of this")
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
     dense_bits: Optional[Literal[16, 32]] = Field(
@@ -108,9 +111,12 @@ class _Target:
 
     def base(self, bits: int):
         if bits not in self._bases:
-            self._bases[bits] = gptq_quantize(self.w, GPTQOptions(bits=bits, group_size=self.options.group_size),
+            self._bases[bits] = gptq_quantize(self.w, GPTQOptions(bits=bits, group_size=self._group(bits)),
                                               self.stats)
         return self._bases[bits]
+
+    def _group(self, bits: int) -> int:
+        return (self.options.group_size_8bit or self.n) if bits == 8 else self.options.group_size
 
     def build(self, name: str, r: int):
         if name in LOWRANK_BITS:
@@ -127,7 +133,8 @@ class _Target:
         gs = self.options.group_size
         if name in LOWRANK_BITS:
             return factor_bytes(self.m, self.n, r, LOWRANK_BITS[name], gs, self.e)
-        base = packed_bytes(self.m, self.n, _gptq_bits(name), gs)
+        bits = _gptq_bits(name)
+        base = packed_bytes(self.m, self.n, bits, self._group(bits))
         return base + (factor_bytes(self.m, self.n, r, None, None, self.e) if name.endswith("+eora") else 0)
 
 
