@@ -22,7 +22,7 @@ import yaml
 from compressor.errors import UserError
 from compressor.hf_integration import install_line
 from compressor.io import read_quantization_config
-from compressor.report import data_lines
+from compressor.report import data_lines, encoding_lines
 
 CARD_NAME = "README.md"
 REQUIRED = ("config.json", "report.json", "recipe.yaml")
@@ -235,11 +235,17 @@ def build_model_card(report: dict, qc: dict, repo_id: str) -> str:
         f"| weight bytes | {t['weight_bytes_before']:,} | {t['weight_bytes_after']:,} | "
         f"{ratio(t['weight_bytes_after'], t['weight_bytes_before'])} |",
     ]
+    if t.get("target_bytes_before"):  # what size_ratio / --target-size budget: the targeted linears only
+        lines.append(f"| bytes of the targeted linears (size_ratio) | {t['target_bytes_before']:,} | "
+                     f"{t['target_bytes_after']:,} | {ratio(t['target_bytes_after'], t['target_bytes_before'])} |")
     if ppl.get("before") is not None or ppl.get("after") is not None:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         r = ratio(ppl["after"], ppl["before"]) if ppl.get("before") and ppl.get("after") else "—"
         lines.append(f"| perplexity | {fmt(ppl.get('before'))} | {fmt(ppl.get('after'))} | {r} |")
     lines += data_lines(report)
+    encodings = encoding_lines(report.get("modules") or [])
+    if encodings:  # which encodings the targets got (a byte budget mixes them)
+        lines += ["", *encodings[:-1]]
     lines += [
         "", "## How to load", "",
         "The compressed linears are lrc modules. Install lrc (the PyPI package named `lrc` is a different "

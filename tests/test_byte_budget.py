@@ -115,3 +115,24 @@ def test_global_choice_beats_a_uniform_split_of_the_same_bytes():
                         for W in weights.values())
     assert global_error < 0.8 * uniform_error
     assert len({chosen[name].bytes for name in weights}) == 3  # the bytes really move between targets
+
+
+def test_global_auto_on_a_model_fits_the_total_and_predicts_what_it_measures(tmp_path):
+    """On dense inputs the planning pass sees exactly the statistics the decompositions use, so each target's
+    predicted error is its measured one (the quantised factors' estimate aside); bytes move between targets and
+    the total, from the tensors written, fits the budget."""
+    from tests.test_bytes import compress_and_save, tensor_bytes
+
+    result, report = compress_and_save("auto", tmp_path / "out", ["size_ratio=0.35", "allocation=global",
+                                                                  "rank_step=4"])
+    t = report["totals"]
+    assert 0.3 < t["size_ratio"] <= 0.35
+    assert t["target_bytes_after"] == sum(v for k, v in tensor_bytes(tmp_path / "out").items()
+                                          if any(k.startswith(m["name"] + ".") for m in report["modules"]))
+    assert len({round(m["size_ratio"], 2) for m in report["modules"]}) > 2  # not one ratio everywhere
+    exact = [m for m in report["modules"] if m["compressed"] and m["spec"]["kind"] != "lowrank_quant"]
+    assert exact
+    for m in exact:
+        assert m["predicted_rel_output_error"] == pytest.approx(m["rel_output_error"], rel=1e-4, abs=1e-7), m["name"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "allocation: global" in md and "| encoding | targets | bytes after |" in md

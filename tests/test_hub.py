@@ -195,6 +195,7 @@ def test_upload_sends_every_file_and_a_card(hub, lrc_out):
     report = json.loads(on_disk["report.json"])
     t = report["totals"]
     assert f"{t['model_params_before']:,} | {t['model_params_after']:,}" in card
+    assert f"(size_ratio) | {t['target_bytes_before']:,} | {t['target_bytes_after']:,} | {t['size_ratio']:.3f} |" in card
     assert "import compressor" in card and 'AutoModelForCausalLM.from_pretrained("me/tiny-svd")' in card
     # an install line for this project, not PyPI's unrelated `lrc`; and what happens without lrc
     assert "pip install lrc" not in card and 'pip install "lrc @ git+' in card and "refuses" in card
