@@ -82,8 +82,11 @@ def test_report_bytes_equal_the_safetensors(tmp_path, recipe):
                                           ("lowrank-sparse-50", 0.5), ("auto", 0.5)])
 def test_size_ratio_recipes_fit_their_byte_budget(tmp_path, recipe, bound):
     result, report = compress_and_save(recipe, tmp_path / "out")
-    assert all(m.compressed for m in result.modules)
-    assert all(m["size_ratio"] <= bound for m in report["modules"])
+    if load_recipe(recipe).allocation == "global":  # one budget for all targets: bytes move between them
+        assert report["totals"]["size_ratio"] <= bound
+    else:
+        assert all(m.compressed for m in result.modules)
+        assert all(m["size_ratio"] <= bound for m in report["modules"])
     assert report["totals"]["size_ratio"] > bound - 0.05  # and the budget is spent, not wasted
 
 

@@ -4,7 +4,10 @@
 Candidates (`candidates`), each at the exact bytes the checkpoint will hold (compressor.rank):
 - `svd-llm`:        whitened truncation (SVD-LLM), factors in the output dtype, rank r;
 - `svd-llm-int8`, `svd-llm-int4`: the same with 8-/4-bit factors (compressor/methods/factor_quant.py);
-- `gptq-8bit`, `gptq-4bit`, `gptq-3bit`: GPTQ with `group_size` columns per scale;
+- `gptq-8bit` … `gptq-3bit`: GPTQ with `group_size` columns per scale (8-bit: one scale per row). 8 and 4 bits
+                    run through torch's packed matmul kernels; 6, 5 and 3 bits dequantise on every forward (slower
+                    inference, the same bytes on disk and in memory) — leave them out of `candidates` to keep every
+                    layer on a kernel;
 - `gptq-Nbit+eora`: that base plus an EoRA residual (whitened truncation of W − Q) of rank r, in the output dtype.
 
 Two ways to spend the budget:
@@ -46,8 +49,8 @@ from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.rank import factor_bytes, packed_bytes, rank_for_size
 from compressor.registry import register
 
-Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-4bit", "gptq-3bit",
-                    "gptq-8bit+eora", "gptq-4bit+eora", "gptq-3bit+eora"]
+Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-6bit", "gptq-5bit", "gptq-4bit",
+                    "gptq-3bit", "gptq-8bit+eora", "gptq-4bit+eora", "gptq-3bit+eora"]
 ALL: tuple = Candidate.__args__
 LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}
 PROBE_SIZE = 0.4  # the size (fraction of dense bytes) at which quantised factors' noise is measured
