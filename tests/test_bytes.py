@@ -103,6 +103,8 @@ def test_lowrank_sparse_by_parameters_states_its_bytes(tmp_path):
     ("lowrank-sparse-50", []),
     ("lowrank-sparse-50", ["sparsity_per=total"]),
     ("auto", ["size_ratio=0.7"]),
+    ("auto", ["size_ratio=0.3", "rank_step=4"]),  # fp32 storage: a mix of kept dense, 8- and 4-bit
+    ("auto", ["size_ratio=0.1", "rank_step=4"]),  # 3- and 4-bit bases, 4-bit low-rank factors
 ])
 def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, overrides):
     # fp32: saving a bf16 result casts the in-memory rotary buffers too, which a reload does not (not ours to test)
