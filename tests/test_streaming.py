@@ -66,6 +66,7 @@ def assert_streams_like_in_memory(tmp_path: Path, model, recipe, batches):
     ("llama", False, "fwsvd-20 allocation=global allocation_options.weight=relative", torch.float32),
     ("qwen2", False, "svd-llm-int8-40", torch.bfloat16),  # issue 14's encodings: 8-bit factors, bitmask sparse
     ("llama", False, "lowrank-sparse-50 iterations=2", torch.bfloat16),
+    ("qwen2", False, "auto size_ratio=0.35 rank_step=4", torch.bfloat16),  # one loss-weighted byte budget
 ])
 def test_streamed_output_equals_the_in_memory_output(tmp_path, tiny_model, calib_ids, arch, tie, recipe_name, dtype):
     """Rank allocation included: with --low-memory its planning pass reads each layer from disk."""
