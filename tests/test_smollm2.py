@@ -94,3 +94,13 @@ def test_8_bit_factors_beat_16_bit_factors_at_equal_bytes(smol, cut, bound):
     int8 at 0.72× the bytes: full rank for the MLP); 40 %: 136.65 vs 49.87 (0.36×, both 0.60×)."""
     _, ppl = smol
     assert ppl(f"svd-llm-int8-{cut}", "dense_bits=16") < bound * ppl(f"svd-llm-{cut}")
+
+
+def test_target_size_beats_each_single_encoding_of_its_size(smol):
+    """Issue 14: `--target-size 0.4` (recipe auto: one loss-weighted byte budget) against the single encodings that
+    can be set to 0.4× the bf16 bytes. Measured on the bf16 copy (2026-11-30, scripts/bench_pareto.py protocol):
+    auto 43.20; GPTQ act-order 4-bit + EoRA rank 48 (0.400×) 44.15; svd-llm with 8-bit factors (0.399×) 84.3."""
+    _, ppl = smol
+    auto = ppl("auto", "size_ratio=0.4", "dense_bits=16")
+    assert auto < ppl("eora-gptq-4bit", "rank=48")
+    assert auto < 0.6 * ppl("svd-llm-int8-40", "size_ratio=0.4", "dense_bits=16")
