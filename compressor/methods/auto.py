@@ -167,7 +167,7 @@ def candidates(w: torch.Tensor, stats, white, options: AutoOptions) -> list[tupl
             r = 0
             if t.bytes(name, 0) > budget:
                 continue
-        out.append((f"{name}", t.build(name, r)))
+        out.append((name, t.build(name, r)))
     return out
 
 
