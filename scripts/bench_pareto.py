@@ -53,32 +53,40 @@ def measure(model, tokenizer, recipe, overrides, calib, evaluate, storage_dtype)
 
 
 def plot(data: dict, path: Path) -> Path:
+    """Left: every row, log perplexity. Right: the same rows zoomed on the near-dense band (up to 1.3× dense), where
+    the encodings worth using differ by fractions of a point."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    full, zoom = fig.subplots(1, 2)
     families: dict[str, list[dict]] = {}
     for row in data["rows"]:
         if "size" in row:
             families.setdefault(row.get("family") or row["label"].rsplit(" ", 1)[0], []).append(row)
     markers = "osD^vP*X"
-    for i, (family, rows) in enumerate(sorted(families.items())):
-        rows = sorted(rows, key=lambda r: r["size"])
-        ax.plot([r["size"] for r in rows], [r["ppl"] for r in rows], marker=markers[i % len(markers)], label=family)
     dense = next((r["ppl"] for r in data["rows"] if r["label"] == "dense"), None)
+    for ax in (full, zoom):
+        for i, (family, rows) in enumerate(sorted(families.items())):
+            rows = sorted(rows, key=lambda r: r["size"])
+            ax.plot([r["size"] for r in rows], [r["ppl"] for r in rows], marker=markers[i % len(markers)],
+                    label=family)
+        if dense is not None:
+            ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel("stored bytes of the targeted linears / dense (size_ratio)")
+        ax.grid(True, alpha=0.3)
+    full.set_ylabel("perplexity (log)")
+    full.set_yscale("log")
+    full.set_title(f"{Path(data['model']).name}: perplexity vs size")
     if dense is not None:
-        ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("stored bytes of the targeted linears / dense (size_ratio)")
-    ax.set_ylabel("perplexity (log)")
-    ax.set_yscale("log")
-    ax.set_title(f"{Path(data['model']).name}: perplexity vs size")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        zoom.set_ylim(dense * 0.98, dense * 1.3)
+        zoom.set_title("zoom: within 30 % of dense")
+    zoom.set_ylabel("perplexity")
+    zoom.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return path
 
 
