@@ -22,9 +22,9 @@ What `global` compares across modules (`allocation_options.weight`), and which s
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import replace
+
+import torch
 
 from compressor.byte_budget import allocate_bytes
 from compressor.errors import UserError
@@ -121,9 +121,9 @@ class Spectra:
             stats[owner].release_derived()
 
     def allocate(self) -> dict[str, tuple[int | None, float | None]]:
-        opts, spectra, shapes = self.recipe.allocation_options, self.spectra, self.shapes
         if self.method.choices is not None:
             return self._allocate_bytes()
+        opts, spectra, shapes = self.recipe.allocation_options, self.spectra, self.shapes
         if self.recipe.allocation == "energy":
             ranks = allocate_energy(spectra, shapes, opts.energy)
         elif self.by_loss:
@@ -137,7 +137,6 @@ class Spectra:
             name: (ranks[name], None if ranks[name] is None else predicted_relative_error(spectra[name], ranks[name]))
             for name in spectra
         }
-
 
     def _allocate_bytes(self) -> dict:
         """Byte budget: size_ratio × the targets' dense bytes in the output dtype (`dense_bits`, which the pipeline

@@ -181,10 +181,10 @@ def compress_checkpoint(
                                 keep_on_cpu=True)
         model, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
     timings["load"] = time.perf_counter() - t0
-    select_targets(model, recipe.targets, recipe.ignore)  # a pattern matching nothing fails before any work
+    layer_targets = select_targets(model, recipe.targets, recipe.ignore)  # matching nothing fails before any work
     params_before, bytes_before = count_parameters(model), state_bytes(model, storage)
     if target_bytes is not None:
-        ratio = size_ratio_for_bytes(model, recipe, storage, target_bytes, bytes_before)
+        ratio = size_ratio_for_bytes(layer_targets, storage, target_bytes, bytes_before)
         recipe = load_recipe(recipe_name, (f"size_ratio={ratio}", *overrides))
     seqlen = default_eval_seqlen(model, eval_seqlen)
     ppl = {}
@@ -256,12 +256,11 @@ def parse_target_size(text: str) -> tuple[str, float | int]:
                     "(4.5GB, 800MiB) or a whole number of bytes")
 
 
-def size_ratio_for_bytes(model, recipe, storage, target_bytes: int, bytes_before: int) -> float:
+def size_ratio_for_bytes(layer_targets, storage, target_bytes: int, bytes_before: int) -> float:
     """The targets' size_ratio that makes the whole checkpoint's weights at most `target_bytes`: everything lrc does
     not compress (embeddings, norms, lm_head, biases) keeps its bytes; the targets' weights share the rest."""
     element = torch.empty((), dtype=storage).element_size()
-    targets = sum(t.weight.numel() for layer in select_targets(model, recipe.targets, recipe.ignore)
-                  for t in layer.values()) * element
+    targets = sum(t.weight.numel() for layer in layer_targets for t in layer.values()) * element
     fixed = bytes_before - targets
     ratio = math.floor((target_bytes - fixed) / targets * 1e6) / 1e6  # rounded down: never over the size asked
     if target_bytes >= bytes_before:

@@ -132,11 +132,14 @@ class _Target:
             f = _lowrank(*self.svd, r, self.white.inverse)
             bits = LOWRANK_BITS[name]
             return f if bits is None else quantize_lowrank(f, self.stats.gram, bits, self.options.group_size)
-        base = self.base(_gptq_bits(name))
+        bits = _gptq_bits(name)
         if not name.endswith("+eora"):
-            return base
-        dU, ds, dVh = _svd((self.W - base.dequantized().to(torch.float64)) @ self.white.S)
-        return replace(base, residual=_lowrank(dU, ds, dVh, r, self.white.inverse))
+            return self.base(bits)
+        return replace(self.base(bits), residual=_lowrank(*self.residual_svd(bits), r, self.white.inverse))
+
+    def residual_svd(self, bits: int):
+        """SVD of (W − Q) S for the b-bit GPTQ base Q: EoRA's residual, whitened."""
+        return _svd((self.W - self.base(bits).dequantized().to(torch.float64)) @ self.white.S)
 
     def bytes(self, name: str, r: int) -> int:
         gs = self.options.group_size
@@ -191,27 +194,30 @@ def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tens
         if nbytes < dense:
             out.append(Choice((name, r), nbytes, max(err, 0.0), max(err_raw, 0.0) ** 0.5 / total ** 0.5))
 
+    def weigh(rows: torch.Tensor) -> float:  # per-channel errors -> the allocation's (loss-weighted) error
+        return float(rows.sum() if h is None else (rows * h).sum())
+
+    def noise_fraction(error: float, tail: torch.Tensor, probe: int) -> float:  # κ: extra error / kept energy
+        return max(error - float(tail[probe]), 0.0) / max(float(tail[0] - tail[probe]), 1e-300)
+
     for name in options.candidates:
-        bits = LOWRANK_BITS.get(name, "gptq")
-        if name in LOWRANK_BITS and bits is None:
+        if name in LOWRANK_BITS and LOWRANK_BITS[name] is None:
             for r in ranks:
                 add(name, r, float(weighted[r]), float(raw[r]))
         elif name in LOWRANK_BITS:  # quantised factors: κ × kept energy on top of the truncation's error
+            bits = LOWRANK_BITS[name]
             probe = min(max(rank_for_size(t.m, t.n, PROBE_SIZE, bits, options.group_size, t.e), 1), full)
             rows = _row_error(t.W, t.build(name, probe).dense(), G)
-            kappa = [max(float(e) - float(tail[probe]), 0.0) / max(float(tail[0] - tail[probe]), 1e-300)
-                     for e, tail in ((rows.sum(), raw), ((rows * h).sum() if h is not None else rows.sum(), weighted))]
+            k_raw = noise_fraction(float(rows.sum()), raw, probe)
+            k_weighted = noise_fraction(weigh(rows), weighted, probe)
             for r in ranks:
-                add(name, r, float(weighted[r] + kappa[1] * (weighted[0] - weighted[r])),
-                    float(raw[r] + kappa[0] * (raw[0] - raw[r])))
+                add(name, r, float(weighted[r] + k_weighted * (weighted[0] - weighted[r])),
+                    float(raw[r] + k_raw * (raw[0] - raw[r])))
+        elif not name.endswith("+eora"):
+            rows = _row_error(t.W, t.base(_gptq_bits(name)).dequantized(), G)
+            add(name, 0, weigh(rows), float(rows.sum()))
         else:
-            base = t.base(_gptq_bits(name))
-            delta = t.W - base.dequantized().to(torch.float64)
-            if not name.endswith("+eora"):
-                rows = _row_error(t.W, base.dequantized(), G)
-                add(name, 0, float(rows.sum() if h is None else (rows * h).sum()), float(rows.sum()))
-                continue
-            dU, ds, _ = _svd(delta @ white.S)
+            dU, ds, _ = t.residual_svd(_gptq_bits(name))
             r_raw, r_weighted = _tails(dU, ds, None), _tails(dU, ds, h)
             for r in ranks:
                 if r <= ds.numel():
