@@ -10,7 +10,7 @@ with plain `AutoModelForCausalLM.from_pretrained(out_dir)` (no trust_remote_code
 
 __version__ = "0.1.0"
 
-from compressor import hf_integration as _hf_integration  # noqa: E402,F401  (side effect: registration)
+from compressor.nn import hf_integration as _hf_integration  # noqa: E402,F401  (side effect: registration)
 from compressor.api import compress, evaluate, load_compressed, load_model  # noqa: E402
 
 __all__ = ["compress", "evaluate", "load_compressed", "load_model", "__version__"]

@@ -19,14 +19,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from compressor.apply import ModuleReport
+from compressor.pipeline.apply import ModuleReport
 from compressor.data import calibration_batch, eval_windows, load_texts
 from compressor.errors import UserError
-from compressor.evaluate import PerplexityResult, perplexity
+from compressor.report.perplexity import PerplexityResult, perplexity
 from compressor.recipe import Recipe, load_recipe
-from compressor.pipeline import REPORT_STATS, CalibrationStatistics, Compression
-from compressor.pipeline import collect_statistics as _collect_statistics
-from compressor.refine import RefineReport
+from compressor.pipeline.compression import REPORT_STATS, CalibrationStatistics, Compression
+from compressor.pipeline.compression import collect_statistics as _collect_statistics
+from compressor.pipeline.refine import RefineReport
 
 
 
@@ -128,7 +128,7 @@ class CompressionResult:
     def save(self, out_dir, *, tokenizer=None, report: dict | None = None, report_md="", overwrite=False,
              extra_files: dict | None = None):
         """`report_md`: the markdown text, or a function of the report rendering it after the save time is in."""
-        from compressor.io import save_compressed
+        from compressor.io.checkpoint import save_compressed
 
         if self.storage_dtype is not None:
             self.model.to(self.storage_dtype)  # exact: compress() rounded the weights through this dtype
@@ -186,8 +186,8 @@ def compress(
     `tokenizer`. With `statistics` from `collect_statistics` and a recipe whose inputs are "dense", no
     calibration forward pass runs at all. `storage_dtype`: the dtype the checkpoint will be saved in; the
     compressed weights are rounded through it so that the in-memory model equals what gets saved. `layer_io`:
-    decoder layers loaded lazily from disk (use compressor.streaming.compress_streaming rather than by hand).
-    `journal` (compressor/journal.py): record each finished layer, and resume after the last one an interrupted
+    decoder layers loaded lazily from disk (use compressor.pipeline.streaming.compress_streaming rather than by hand).
+    `journal` (compressor/pipeline/journal.py): record each finished layer, and resume after the last one an interrupted
     run with the same journal finished; the result is identical to an uninterrupted run's.
     """
     run = Compression(model, _as_recipe(recipe), device=device, batch_size=batch_size, storage_dtype=storage_dtype,
@@ -229,6 +229,6 @@ def evaluate(model, tokenizer, data: str | None = None, *, seqlen: int = 2048, b
 
 
 def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):
-    from compressor.io import load_compressed as _load
+    from compressor.io.checkpoint import load_compressed as _load
 
     return _load(path, dtype=dtype, device=device, fuse_siblings=fuse_siblings)

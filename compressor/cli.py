@@ -1,4 +1,4 @@
-"""`lrc` command line: a thin click layer over compressor.api / compressor.workflow.
+"""`lrc` command line: a thin click layer over compressor.api / compressor.pipeline.workflow.
 
 User errors print one line (`error: ...`) on stderr and exit with code 2; nothing half-written stays on disk.
 """
@@ -26,7 +26,7 @@ class _App(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            hint = getattr(exc, "lrc_hint", None)  # a journaled run says what it kept (compressor/journal.py)
+            hint = getattr(exc, "lrc_hint", None)  # a journaled run says what it kept (compressor/pipeline/journal.py)
             click.echo(f"interrupted; {hint}" if hint else "interrupted; nothing was written", err=True)
             sys.exit(130)
 
@@ -82,7 +82,7 @@ def compress(model, recipe, target_size, output, overrides, calib, nsamples, seq
              eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype,
              trust_remote_code):
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
-    from compressor.workflow import compress_checkpoint, parse_target_size
+    from compressor.pipeline.workflow import compress_checkpoint, parse_target_size
 
     if recipe is None and target_size is None:
         raise UserError("compress needs --recipe (lrc recipes list) or --target-size")
@@ -141,7 +141,7 @@ def _summary_table(report: dict) -> Table:
 @_device_options
 def eval_(model, data, seqlen, batch_size, max_windows, as_json, device, dtype, trust_remote_code):
     """Perplexity of MODEL (a checkpoint, an lrc output directory or a hub id), papers' protocol."""
-    from compressor.workflow import evaluate_checkpoint
+    from compressor.pipeline.workflow import evaluate_checkpoint
 
     result = evaluate_checkpoint(model, data=data, seqlen=seqlen, device=device, dtype=dtype, batch_size=batch_size,
                                  max_windows=max_windows, trust_remote_code=trust_remote_code)
@@ -203,7 +203,7 @@ def demo(output, device):
 @click.option("--dry-run", is_flag=True, help="print the files and the generated model card; upload nothing")
 def upload(out, repo_id, private, revision, token, endpoint, dry_run):
     """Upload the lrc output directory OUT to the hub repository REPO_ID, with a generated model card."""
-    from compressor.hub import upload as hub_upload
+    from compressor.io.hub import upload as hub_upload
 
     plan, url = hub_upload(out, repo_id, token=token or None, private=private, revision=revision,
                            endpoint=endpoint, dry_run=dry_run)
@@ -217,7 +217,7 @@ def upload(out, repo_id, private, revision, token, endpoint, dry_run):
 @click.argument("out", type=click.Path())
 def report(out):
     """Re-render OUT/report.md and OUT/plots/*.png from OUT/report.json."""
-    from compressor.plots import render_report
+    from compressor.report.plots import render_report
 
     written = render_report(out)
     click.echo(f"wrote {out}/report.md and {len(written)} plots in {out}/plots/")
@@ -236,19 +236,19 @@ def export(out, dense, quantized_adapter, output, overwrite):
     if dense == quantized_adapter:
         raise UserError("pass --dense (a plain dense checkpoint) or --quantized-adapter (a compressed-tensors base "
                         "plus a PEFT LoRA adapter), exactly one")
-    from compressor.preflight import check_output, export_bytes
+    from compressor.io.preflight import check_output, export_bytes
 
     # Before loading anything: writable, allowed (--overwrite), room for it. The adapter export has its own rules
     # for an existing destination (a previous export may be replaced) and checks them itself, also first.
     check_output(output, overwrite=overwrite, expected_bytes=export_bytes(out, dense=dense), destination_rules=dense,
                  source=out)
     if dense:
-        from compressor.export import export_dense
+        from compressor.io.export import export_dense
 
         path, count = export_dense(out, output, overwrite=overwrite)
         click.echo(f"wrote {path}/ ({count} compressed modules made dense; loads without lrc)")
         return
-    from compressor.export_adapter import export_quantized_with_adapter
+    from compressor.io.export_adapter import export_quantized_with_adapter
 
     done = export_quantized_with_adapter(out, output, overwrite=overwrite)
     base = f"wrote {done.base}/ ({done.quantized} quantized modules, compressed-tensors pack-quantized)"

@@ -16,13 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import api
-from compressor.io import checkpoint_bytes
+from compressor.io.checkpoint import checkpoint_bytes
 from compressor.recipe import load_recipe
 from compressor.errors import UserError
-from compressor.report import build_report, count_parameters, render_markdown, state_bytes
+from compressor.report.summary import build_report, count_parameters, render_markdown, state_bytes
 from compressor.resources import demo_model_dir
-from compressor.targets import find_decoder_layers
-from compressor.workflow import default_eval_seqlen, layer_progress
+from compressor.pipeline.targets import find_decoder_layers
+from compressor.pipeline.workflow import default_eval_seqlen, layer_progress
 
 DEMO_RECIPES = ("svd-20", "svd-llm-20", "rtn-4bit", "eora-4bit")
 

@@ -2,8 +2,8 @@
 
 A method is a pure function on tensors (see `compressor/methods/`). It declares
 - `needs`: which calibration statistics the pipeline must collect for its targets ("gram", "abs_mean",
-  "fisher": per-module squared LM-loss gradients, see compressor/fisher.py; "cross": Σ x x̂ᵀ between the dense
-  model's inputs x and the compressed model's x̂, see compressor/stats.py), plus `extra_needs(options)` for
+  "fisher": per-module squared LM-loss gradients, see compressor/pipeline/fisher.py; "cross": Σ x x̂ᵀ between the dense
+  model's inputs x and the compressed model's x̂, see compressor/pipeline/stats.py), plus `extra_needs(options)` for
   statistics that only some option values use,
 - `Options`: a strict pydantic model of its recipe options (unknown key -> error),
 - `factorizes`: True when the method *replaces* W by rank-r factors, so the pipeline resolves the rank from
@@ -50,7 +50,7 @@ class Method:
     spectrum_units: str | None = None  # one of SPECTRUM_UNITS; required with a spectrum
     # (W[m,n], stats, options, row_weight) -> [byte_budget.Choice]: the encodings a method can build for one target
     # with exact bytes and predicted output error (row_weight: √h per output channel, or None), for
-    # `allocation: global` under a byte budget (compressor/byte_budget.py); the chosen Choice.encoding comes back
+    # `allocation: global` under a byte budget (compressor/budget/byte_budget.py); the chosen Choice.encoding comes back
     # to `decompose` as its `rank`. None: no byte allocation.
     choices: Callable | None = None
 

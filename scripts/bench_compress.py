@@ -82,7 +82,7 @@ def run_lrc(model_dir, batches, recipe, device, out: Path) -> dict:
 
 
 def run_synthetic(args) -> None:
-    from compressor.streaming import compress_streaming
+    from compressor.pipeline.streaming import compress_streaming
 
     folder = build_checkpoint(Path(".cache") / f"synthetic-{args.synthetic}", SHAPES[args.synthetic])
     nsamples, seqlen = args.nsamples or 256, args.seqlen or 2048

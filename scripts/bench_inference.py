@@ -11,7 +11,7 @@ the low-rank modules take at load time: a control that shows how much of their s
 eora-4bit, lowrank-sparse-50), calibrated on a few windows (only speed is measured here; lowrank-sparse-50 runs 10
 alternating iterations instead of 40: the same rank and nnz, so the same speed). Every model is compressed once,
 saved, and benchmarked as reloaded by `load_compressed` (what a user runs: packed int4 kernels for QuantLinear,
-CSR or merged products for LowRankSparseLinear, transposed factors for LowRankLinear; compressor/kernels.py).
+CSR or merged products for LowRankSparseLinear, transposed factors for LowRankLinear; compressor/nn/kernels.py).
 `--synthetic 1b` builds a random-weight Llama of TinyLlama-1.1B's shape and uses plain `svd` at 20/40% and rtn-4bit
 (calibration means nothing on random weights); use it with --device cuda (a CPU run takes ~40 min).
 `--threads` defaults to torch's; on a machine shared with other jobs use --threads 1 (OpenMP threads that wait
@@ -180,7 +180,7 @@ def load(path, kind: str, dtype, device):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if kind == "dense-T":
-        from compressor.kernels import transpose_in_memory
+        from compressor.nn.kernels import transpose_in_memory
 
         transpose_in_memory(*[m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
                                m is not model.get_output_embeddings()])

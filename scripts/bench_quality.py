@@ -30,7 +30,7 @@ from rich.table import Table
 
 from compressor import api
 from compressor.recipe import load_recipe
-from compressor.report import count_parameters
+from compressor.report.summary import count_parameters
 from compressor.resources import demo_model_dir
 
 # scripts/ is sys.path[0] when this file runs as a script: the table's formatting lives in update_readme.py only.

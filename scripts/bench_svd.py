@@ -8,13 +8,13 @@
 A layer set is the 7 linears of a decoder layer (q, k, v, o, gate, up, down) × `--layers`, random weights with a
 decaying spectrum σ_i ∝ (1 + i)^-0.5 built on the device, and one random Gram per layer input (q/k/v share one,
 gate/up share one; tokens with correlated channels and a few outliers). Fixed seeds. Ranks: ⌊p·m·n/(m+n)⌋
-(`--param-ratio`, compressor.rank) or ⌊f·min(m, n)⌋ (`--rank-fraction`).
+(`--param-ratio`, compressor.budget.rank) or ⌊f·min(m, n)⌋ (`--rank-fraction`).
 
 Plain block (time / its first row):  per-matrix fp32 torch.linalg.svd then truncate (what research repos do);
 per-matrix truncated_svd(solver="full"); same-shape matrices stacked (within and across layers) into one call
 with solver full / gram / randomized.  Whitened block (time / its first row): the SVD-LLM repository's way, per
 matrix Cholesky of its own Gram + inverse + fp32 SVD of W·L (scripts/reference_svd_llm.py); lrc's svd-llm
-decompose (one eigh per shared input, same-shape readers batched, gram solver), grouped like compressor.apply.
+decompose (one eigh per shared input, same-shape readers batched, gram solver), grouped like compressor.pipeline.apply.
 Error: relative Frobenius error of the rank-r reconstruction over the Eckart–Young optimum (1.000 = optimal;
 whitened: ‖(W−Ŵ)X‖ over its optimum), worst matrix of the set; the optimum's tail comes from an fp64 eigvalsh.
 Each row's first call is untimed (warm-up; its output gives the errors), then `--repeats` rounds time every row
@@ -39,11 +39,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compressor.apply import _errors as relative_errors
+from compressor.pipeline.apply import _errors as relative_errors
 from compressor.linalg import truncated_svd
 from compressor.methods.svd_llm import SVDLLMOptions, decompose as svd_llm_decompose
-from compressor.rank import rank_for_ratio
-from compressor.stats import Stats
+from compressor.budget.rank import rank_for_ratio
+from compressor.pipeline.stats import Stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_svd_llm import _cholesky  # noqa: E402
@@ -131,7 +131,7 @@ def _reference_whitened(W, gram, rank):
 
 
 def _lrc_whitened(weights, inputs, grams, ranks, whitening="eigh"):
-    """compressor.apply's grouping: per shared input one Stats (one eigh), same-shape readers in one call."""
+    """compressor.pipeline.apply's grouping: per shared input one Stats (one eigh), same-shape readers in one call."""
     out = {}
     for source, gram in grams.items():
         stats = Stats(gram=gram)

@@ -11,12 +11,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compressor import api, registry
-from compressor.allocation import allocate_ranks
+from compressor.budget.allocation import allocate_ranks
 from compressor.errors import UserError
-from compressor.fisher import FisherDiag, collect_fisher
-from compressor.rank import allocate_energy, allocate_global, max_rank, predicted_relative_error
+from compressor.pipeline.fisher import FisherDiag, collect_fisher
+from compressor.budget.rank import allocate_energy, allocate_global, max_rank, predicted_relative_error
 from compressor.recipe import load_recipe
-from compressor.stats import Stats
+from compressor.pipeline.stats import Stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

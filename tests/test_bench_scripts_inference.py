@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compressor import api
-from compressor.modules import LowRankLinear, prepare_inference
+from compressor.nn.modules import LowRankLinear, prepare_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from bench_inference import Workload, kernel_bytes, measure  # noqa: E402

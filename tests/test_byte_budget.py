@@ -1,4 +1,4 @@
-"""The byte-budget allocator (compressor/byte_budget.py) and `auto` under `allocation: global`: one encoding per
+"""The byte-budget allocator (compressor/budget/byte_budget.py) and `auto` under `allocation: global`: one encoding per
 target chosen so that all targets together fit the budget with the least predicted error; predictions equal the
 measured errors where they are exact; the greedy choice beats a uniform split of the same bytes."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from compressor import registry
-from compressor.byte_budget import Choice, allocate_bytes, lower_hull
+from compressor.budget.byte_budget import Choice, allocate_bytes, lower_hull
 from compressor.errors import UserError
-from compressor.stats import Stats
+from compressor.pipeline.stats import Stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 AUTO = registry.get("auto")

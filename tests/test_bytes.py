@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import compressor
 from compressor.errors import UserError
-from compressor.export import export_dense
-from compressor.modules import prepare_inference
+from compressor.io.export import export_dense
+from compressor.nn.modules import prepare_inference
 from compressor.recipe import load_recipe
-from compressor.report import build_report, count_parameters, render_markdown, state_bytes
+from compressor.report.summary import build_report, count_parameters, render_markdown, state_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +133,7 @@ def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, ove
 def test_auto_picks_the_least_error_encoding_that_fits():
     """Low-rank weights go to low rank, unstructured ones to GPTQ (+ EoRA with the bytes left over)."""
     from compressor import registry
-    from compressor.stats import Stats
+    from compressor.pipeline.stats import Stats
 
     auto = registry.get("auto")
     g = torch.Generator().manual_seed(0)

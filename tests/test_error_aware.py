@@ -11,9 +11,9 @@ import torch
 
 from compressor import api, registry
 from compressor.recipe import load_recipe
-from compressor.sequential import run_sequential
-from compressor.stats import Stats
-from compressor.targets import select_targets
+from compressor.pipeline.sequential import run_sequential
+from compressor.pipeline.stats import Stats
+from compressor.pipeline.targets import select_targets
 from tests.test_methods import correlated_inputs, run
 from tests.test_streaming import assert_streams_like_in_memory
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.evaluate import perplexity
+from compressor.report.perplexity import perplexity
 
 
 class BigramModel(nn.Module):

@@ -57,8 +57,8 @@ def eora(tmp_path_factory, tiny_model, calib_ids) -> tuple[Path, Path]:
 
 
 def _lrc_logits(out: Path, *, without_residual: bool = False) -> torch.Tensor:
-    from compressor.io import load_compressed
-    from compressor.modules import QuantLinear, prepare_inference
+    from compressor.io.checkpoint import load_compressed
+    from compressor.nn.modules import QuantLinear, prepare_inference
 
     model = load_compressed(out)
     prepare_inference(model, use_kernels=False)  # lrc's exact fp32 maths (the kernels round activations to bf16)
@@ -118,8 +118,8 @@ def test_base_and_adapter_match_lrc(eora):
     residuals; base + adapter = lrc."""
     from peft import PeftModel
 
-    from compressor.io import load_compressed
-    from compressor.modules import QuantLinear
+    from compressor.io.checkpoint import load_compressed
+    from compressor.nn.modules import QuantLinear
 
     out, exported = eora
     base = _plain_base(exported)
@@ -212,7 +212,7 @@ def test_cli_errors(tmp_path, eora):
 
 def test_failed_export_leaves_nothing(tmp_path, eora, monkeypatch):
     """An error half way (after the base is written) leaves no directory; over an old export, the old one stays."""
-    from compressor import export_adapter
+    from compressor.io import export_adapter
 
     out, exported = eora
 
@@ -239,8 +239,8 @@ def test_failed_export_leaves_nothing(tmp_path, eora, monkeypatch):
 
 def test_ragged_groups_and_missing_packages_are_user_errors(monkeypatch, eora):
     from compressor.errors import UserError
-    from compressor.export_adapter import _weight_args, export_quantized_with_adapter
-    from compressor.modules import QuantLinear
+    from compressor.io.export_adapter import _weight_args, export_quantized_with_adapter
+    from compressor.nn.modules import QuantLinear
 
     ragged = QuantLinear(64, 8, bits=4, group_size=48, bias=False)  # two groups, the second one 16 wide
     with pytest.raises(UserError, match="not a multiple of group_size 48"):

@@ -9,11 +9,11 @@ import torch
 from pydantic import ValidationError
 
 from compressor import quant, registry
-from compressor.factors import pack_mask, unpack_mask
+from compressor.nn.factors import pack_mask, unpack_mask
 from compressor.methods.factor_quant import quantize_lowrank
-from compressor.modules import QuantLowRankLinear, empty_module, module_from_factors, stored_bytes
-from compressor.rank import RankOptions, factor_bytes, rank_for_ratio, rank_for_size, resolve_rank
-from compressor.stats import Stats
+from compressor.nn.modules import QuantLowRankLinear, empty_module, module_from_factors, stored_bytes
+from compressor.budget.rank import RankOptions, factor_bytes, rank_for_ratio, rank_for_size, resolve_rank
+from compressor.pipeline.stats import Stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SVD_LLM = registry.get("svd-llm")

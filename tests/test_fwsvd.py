@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor import api, registry
-from compressor.fisher import collect_fisher
-from compressor.modules import LowRankLinear
+from compressor.pipeline.fisher import collect_fisher
+from compressor.nn.modules import LowRankLinear
 from compressor.recipe import load_recipe
-from compressor.stats import Stats
+from compressor.pipeline.stats import Stats
 from tests.helpers import chunk_fisher_reference
 
 from conftest import TINY_SIZES

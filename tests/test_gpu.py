@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import api, streaming
+from compressor import api
+from compressor.pipeline import streaming
 from compressor.linalg import truncated_svd, whitening
 from compressor.recipe import load_recipe
 
@@ -91,7 +92,7 @@ def test_streaming_on_cuda_equals_in_memory(tmp_path, tiny_model, calib_ids):
 
 
 def test_layerwise_fisher_on_cuda_matches_cpu(tiny_model, calib_ids):
-    from compressor.fisher import collect_fisher
+    from compressor.pipeline.fisher import collect_fisher
 
     model = tiny_model("qwen2", correlated=True)
     ids = calib_ids(5, 32)

@@ -34,7 +34,7 @@ def make_lrc_output(path: Path, build_tiny, *, model_source="HuggingFaceTB/SmolL
 
     from compressor.api import compress
     from compressor.recipe import load_recipe
-    from compressor.report import build_report, count_parameters, render_markdown, state_bytes
+    from compressor.report.summary import build_report, count_parameters, render_markdown, state_bytes
 
     model = build_tiny("llama")
     before, bytes_before = count_parameters(model), state_bytes(model)
@@ -216,7 +216,7 @@ def test_upload_revision_env_token_existing_repo(hub, lrc_out):
 
 def test_upload_errors_are_one_line_without_the_token(hub, lrc_out):
     # A server-side failure (every route 404s under a wrong endpoint prefix) must not leak the token either.
-    from compressor import hub as lrc_hub
+    from compressor.io import hub as lrc_hub
     from compressor.errors import UserError
 
     with pytest.raises(UserError) as exc:
@@ -248,7 +248,7 @@ def test_dry_run_lists_files_and_card_and_sends_nothing(hub, lrc_out):
 
 
 def test_card_license_from_local_base_model(tmp_path, lrc_out):
-    from compressor.hub import build_model_card, check_output
+    from compressor.io.hub import build_model_card, check_output
 
     base = tmp_path / "base"
     base.mkdir()

@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from compressor import hf_integration, quant
+from compressor import quant
+from compressor.nn import hf_integration
 from compressor.errors import UserError
-from compressor.factors import LowRank, Quantized
-from compressor.io import checkpoint_bytes, load_compressed, save_compressed
-from compressor.modules import LowRankLinear, QuantLinear, module_from_factors
+from compressor.nn.factors import LowRank, Quantized
+from compressor.io.checkpoint import checkpoint_bytes, load_compressed, save_compressed
+from compressor.nn.modules import LowRankLinear, QuantLinear, module_from_factors
 
 SIZES = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""Packed kernels (compressor/kernels.py) and the compressed modules' fast forward paths.
+"""Packed kernels (compressor/nn/kernels.py) and the compressed modules' fast forward paths.
 
 Tolerances: torch's CPU int4/int8 kernels take bf16 activations, scales and zeros only, and return bf16. A
 reference that rounds exactly those to bf16, multiplies in fp64 and rounds the product to bf16 must match the kernel
@@ -15,9 +15,10 @@ import warnings
 import pytest
 import torch
 
-from compressor import kernels, quant
-from compressor.factors import LowRank, Quantized
-from compressor.modules import QuantLinear, module_from_factors, prepare_inference
+from compressor import quant
+from compressor.nn import kernels
+from compressor.nn.factors import LowRank, Quantized
+from compressor.nn.modules import QuantLinear, module_from_factors, prepare_inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +168,7 @@ def test_cuda_packed_kernels(bits, group_size, n):
 
 
 def _lowrank_sparse(m, n, rank, density, fmt="indices", seed=0):
-    from compressor.modules import LowRankSparseLinear
+    from compressor.nn.modules import LowRankSparseLinear
 
     g = torch.Generator().manual_seed(seed)
     k = max(1, int(density * n))
@@ -215,7 +216,7 @@ def test_lowrank_sparse_cache_follows_weight_updates_and_training():
 
 def test_lowrank_sparse_checkpoint_roundtrip_same_logits(tiny_model, calib_ids, tmp_path):
     from compressor import api
-    from compressor.modules import LowRankSparseLinear
+    from compressor.nn.modules import LowRankSparseLinear
     from compressor.recipe import load_recipe
 
     model = tiny_model("llama")
@@ -232,7 +233,7 @@ def test_lowrank_sparse_checkpoint_roundtrip_same_logits(tiny_model, calib_ids, 
 
 def test_rank_multiple_rounds_down_within_the_budget():
     from compressor.methods.svd import SVDOptions
-    from compressor.rank import resolve_rank, round_rank
+    from compressor.budget.rank import resolve_rank, round_rank
 
     assert [round_rank(r, 8) for r in (5, 8, 15, 16, 172, None)] == [5, 8, 8, 16, 168, None]
     plain = resolve_rank(576, 576, SVDOptions(param_ratio=0.6))[0]
@@ -243,7 +244,7 @@ def test_rank_multiple_rounds_down_within_the_budget():
 
 def test_fuse_siblings_shares_one_A_gemm_with_the_same_logits(tiny_model, calib_ids, tmp_path):
     from compressor import api
-    from compressor.modules import LowRankLinear, fuse_siblings
+    from compressor.nn.modules import LowRankLinear, fuse_siblings
 
     model = tiny_model("qwen2")  # GQA and q/k/v biases
     result = api.compress(model, "svd-20", batches=calib_ids(2, 16))
@@ -281,7 +282,7 @@ def test_lowrank_factors_transposed_at_load_save_row_major(tiny_model, calib_ids
     from safetensors.torch import load_file
 
     from compressor import api
-    from compressor.modules import LowRankLinear
+    from compressor.nn.modules import LowRankLinear
 
     model = tiny_model("llama")
     result = api.compress(model, "svd-20", batches=calib_ids(2, 16))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compressor.linalg import truncated_svd
-from compressor.stats import GRAM_CHUNK, StatsCollector
+from compressor.pipeline.stats import GRAM_CHUNK, StatsCollector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

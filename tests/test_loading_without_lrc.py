@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor import hf_integration
-from compressor.io import load_compressed
+from compressor.nn import hf_integration
+from compressor.io.checkpoint import load_compressed
 from tests.test_io import INPUT, build, compress, logits, mixed_plan, save
 
 SCRIPT = textwrap.dedent("""

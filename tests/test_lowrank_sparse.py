@@ -11,12 +11,12 @@ from pydantic import ValidationError
 
 import compressor
 from compressor import registry
-from compressor.factors import LowRankSparse
-from compressor.io import checkpoint_bytes
+from compressor.nn.factors import LowRankSparse
+from compressor.io.checkpoint import checkpoint_bytes
 from compressor.methods.lowrank_sparse import alternate, budget, channel_scales
-from compressor.modules import LowRankSparseLinear, empty_module, module_from_factors
-from compressor.rank import rank_for_ratio
-from compressor.stats import Stats
+from compressor.nn.modules import LowRankSparseLinear, empty_module, module_from_factors
+from compressor.budget.rank import rank_for_ratio
+from compressor.pipeline.stats import Stats
 
 LS = registry.get("lowrank-sparse")
 

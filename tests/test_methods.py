@@ -5,8 +5,8 @@ import torch
 
 from compressor import quant, registry
 from compressor.linalg import whitening
-from compressor.rank import RankOptions, rank_for_ratio, resolve_rank
-from compressor.stats import Stats
+from compressor.budget.rank import RankOptions, rank_for_ratio, resolve_rank
+from compressor.pipeline.stats import Stats
 
 
 def correlated_inputs(n, tokens, seed=0):

@@ -9,7 +9,7 @@ import torch
 from compressor import quant, registry
 from compressor.methods.gptq import GPTQOptions, gptq_codes, gptq_quantize
 from compressor.recipe import load_recipe
-from compressor.stats import Stats
+from compressor.pipeline.stats import Stats
 from test_methods import correlated_inputs, run, stats_of
 
 

@@ -15,13 +15,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import compressor
-from compressor import api, pipeline
+from compressor import api
+from compressor.pipeline import compression as pipeline
 from compressor.api import collect_statistics, compress
 from compressor.errors import UserError
-from compressor.modules import LowRankLinear, LowRankSparseLinear, QuantLinear, prepare_inference
+from compressor.nn.modules import LowRankLinear, LowRankSparseLinear, QuantLinear, prepare_inference
 from compressor.recipe import load_recipe
-from compressor.stats import StatsCollector
-from compressor.targets import select_targets
+from compressor.pipeline.stats import StatsCollector
+from compressor.pipeline.targets import select_targets
 
 from conftest import TINY_ARCHS, TINY_SIZES
 

@@ -30,7 +30,7 @@ def lrc_out(tmp_path_factory, tiny_model) -> Path:
     """A real lrc output: tiny fp32 Qwen2 (q/k/v biases), svd-llm-20, a word-level tokenizer, a perplexity block."""
     from compressor.api import compress
     from compressor.recipe import load_recipe
-    from compressor.report import build_report, count_parameters, render_markdown, state_bytes
+    from compressor.report.summary import build_report, count_parameters, render_markdown, state_bytes
 
     out = tmp_path_factory.mktemp("plots") / "out"
     model = tiny_model("qwen2")  # q/k/v carry non-zero biases: the export must keep them
@@ -50,7 +50,7 @@ def lrc_out(tmp_path_factory, tiny_model) -> Path:
 
 def test_write_plots_without_perplexity(tmp_path, lrc_out):
     """(All four plots are drawn and checked in test_lrc_report_rerenders_with_images.)"""
-    from compressor.plots import write_plots
+    from compressor.report.plots import write_plots
 
     report = json.loads((lrc_out / "report.json").read_text())
     (tmp_path / "plots").mkdir()
@@ -64,7 +64,7 @@ def test_write_plots_without_perplexity(tmp_path, lrc_out):
 
 
 def test_render_markdown_without_plots_is_unchanged(lrc_out):
-    from compressor.report import render_markdown
+    from compressor.report.summary import render_markdown
 
     report = json.loads((lrc_out / "report.json").read_text())
     assert render_markdown(report) == (lrc_out / "report.md").read_text()
@@ -102,7 +102,7 @@ def _module(layer: int, kind: str, params: tuple[int, int], nbytes: tuple[int, i
 
 def test_params_plot_shows_growth_and_bytes_with_the_legend_off_the_bars(tmp_path):
     """EoRA: a 4-bit base plus a residual has MORE parameters than the dense layer and far fewer bytes."""
-    from compressor.plots import params_figure, plot_rank, rank_title
+    from compressor.report.plots import params_figure, plot_rank, rank_title
 
     modules = [_module(i, k, (1_000_000, 1_300_000), (2_000_000, 700_000), 64) for i in range(3)
                for k in ("self_attn.q_proj", "mlp.up_proj")]
@@ -151,7 +151,7 @@ print(type(model).__name__, str(model.dtype), type(tok).__name__)
 
 
 def test_export_dense_round_trip(tmp_path, lrc_out):
-    from compressor.io import load_compressed
+    from compressor.io.checkpoint import load_compressed
 
     dense = tmp_path / "dense"
     result = run("export", lrc_out, "--dense", "-o", dense)

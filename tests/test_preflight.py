@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import UserError
-from compressor.preflight import check_model_source, check_output, export_bytes, looks_local
+from compressor.io.preflight import check_model_source, check_output, export_bytes, looks_local
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "lrc-demo-llama"
@@ -168,7 +168,7 @@ def test_hub_ids_are_asked_once_and_their_download_must_fit(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from compressor import preflight
+    from compressor.io import preflight
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     calls = []

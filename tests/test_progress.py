@@ -10,8 +10,8 @@ import re
 import torch
 from rich.console import Console
 
-from compressor import workflow
-from compressor.evaluate import perplexity
+from compressor.pipeline import workflow
+from compressor.report.perplexity import perplexity
 
 
 class _Tiny(torch.nn.Module):

@@ -7,7 +7,7 @@ import torch
 
 from compressor import api
 from compressor.errors import UserError
-from compressor.journal import Journal, partial_dir
+from compressor.pipeline.journal import Journal, partial_dir
 from compressor.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,6 +1,6 @@
 """`lrc compress --resume` after a SIGKILL at several points gives the tensors of an uninterrupted run (issue 13).
 
-Real subprocesses, killed by the fault points of compressor/journal.py (LRC_FAULT), on test_cli's tiny bf16 Llama
+Real subprocesses, killed by the fault points of compressor/pipeline/journal.py (LRC_FAULT), on test_cli's tiny bf16 Llama
 checkpoint; the runs of each phase are launched together to share the interpreter start-up time."""
 
 from __future__ import annotations

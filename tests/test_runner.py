@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.fisher import collect_fisher
-from compressor.sequential import LayerCalls, capture_layer_calls, hidden_of, run_sequential
-from compressor.stats import StatsCollector
-from compressor.targets import find_decoder_layers, select_targets
+from compressor.pipeline.fisher import collect_fisher
+from compressor.pipeline.sequential import LayerCalls, capture_layer_calls, hidden_of, run_sequential
+from compressor.pipeline.stats import StatsCollector
+from compressor.pipeline.targets import find_decoder_layers, select_targets
 from tests.helpers import chunk_fisher_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from compressor import api, registry
-from compressor.apply import compress_layer
+from compressor.pipeline.apply import compress_layer
 from compressor.recipe import load_recipe
-from compressor.refine import refine_block
-from compressor.sequential import capture_layer_inputs, run_sequential
-from compressor.stats import StatsCollector
-from compressor.targets import find_decoder_layers, select_targets
+from compressor.pipeline.refine import refine_block
+from compressor.pipeline.sequential import capture_layer_inputs, run_sequential
+from compressor.pipeline.stats import StatsCollector
+from compressor.pipeline.targets import find_decoder_layers, select_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -241,7 +241,7 @@ def test_refinement_and_group_sequential_stream_to_the_same_checkpoint(tmp_path,
 
 
 def test_the_report_shows_each_layers_refinement(tiny_model, calib_ids):
-    from compressor.report import build_report, render_markdown
+    from compressor.report.summary import build_report, render_markdown
 
     ids = calib_ids(6, 24)
     result = _compress(tiny_model("llama", correlated=True), ids, "refine.epochs=1", "sequential.granularity=group")

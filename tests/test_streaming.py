@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compressor import api, streaming
+from compressor import api
+from compressor.pipeline import streaming
 from compressor.errors import UserError
-from compressor.io import load_compressed
+from compressor.io.checkpoint import load_compressed
 from compressor.recipe import load_recipe
 from compressor.resources import demo_model_dir
 

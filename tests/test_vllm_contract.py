@@ -53,7 +53,7 @@ def vllm_shape_problems(base: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model, calib_ids) -> Path:
     from compressor.api import compress
-    from compressor.export_adapter import export_quantized_with_adapter
+    from compressor.io.export_adapter import export_quantized_with_adapter
     from compressor.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("vllm")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from compressor.factors import Decomposition, LowRank
+from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import split_factors, truncated_svd
-from compressor.rank import RankOptions
+from compressor.budget.rank import RankOptions
 from compressor.registry import register
 
 ABS_MEAN_FLOOR = 1e-6  # relative to the largest channel mean

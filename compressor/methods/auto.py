@@ -1,7 +1,7 @@
 """`auto`: every target gets the encoding with the least output error that its byte budget pays for (recipe `auto`,
 `lrc compress --target-size`).
 
-Candidates (`candidates`), each at the exact bytes the checkpoint will hold (compressor.rank):
+Candidates (`candidates`), each at the exact bytes the checkpoint will hold (compressor.budget.rank):
 - `svd-llm`:        whitened truncation (SVD-LLM), factors in the output dtype, rank r;
 - `svd-llm-int8`, `svd-llm-int4`: the same with 8-/4-bit factors (compressor/methods/factor_quant.py);
 - `gptq-8bit` … `gptq-3bit`: GPTQ with `group_size` columns per scale (8-bit: one scale per row). 8 and 4 bits
@@ -13,10 +13,10 @@ Candidates (`candidates`), each at the exact bytes the checkpoint will hold (com
 Two ways to spend the budget:
 - `allocation: global` (the recipe's default): one planning pass on the dense model offers, per target, every
   candidate at every rank of a grid (`rank_step`) with its predicted output error (`choices`, below); a greedy
-  multiple-choice knapsack (compressor/byte_budget.py) picks one encoding per target so that all targets together
+  multiple-choice knapsack (compressor/budget/byte_budget.py) picks one encoding per target so that all targets together
   store at most `size_ratio` of their dense bytes, spending bytes where they remove the most error. With
   `allocation_options.weight: loss` each output channel's error is weighted by the loss's squared gradient there
-  (compressor/allocation.py), so errors are comparable across modules. The chosen encodings are then built layer
+  (compressor/budget/allocation.py), so errors are comparable across modules. The chosen encodings are then built layer
   by layer on the recipe's calibration inputs; the report shows each target's predicted error next to the measured.
 - `allocation: uniform`: every target gets the same budget, D = `size_ratio` × its dense bytes; each candidate
   that fits D is built and its output error measured, and the smallest wins.
@@ -40,13 +40,13 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.byte_budget import Choice
+from compressor.budget.byte_budget import Choice
 from compressor.errors import UserError
-from compressor.factors import Decomposition, LowRank
+from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, truncated_svd
 from compressor.methods.factor_quant import quantize_lowrank
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
-from compressor.rank import factor_bytes, packed_bytes, rank_for_size
+from compressor.budget.rank import factor_bytes, packed_bytes, rank_for_size
 from compressor.registry import register
 
 Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-6bit", "gptq-5bit", "gptq-4bit",

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from compressor.factors import Decomposition, LowRank
+from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, SVDSolver, WhiteningMethod, split_factors, truncated_svd
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.methods.rtn import rtn_quantize

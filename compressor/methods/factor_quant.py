@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.factors import Decomposition, LowRank, Quantized, QuantLowRank, factor_group_size
+from compressor.nn.factors import Decomposition, LowRank, Quantized, QuantLowRank, factor_group_size
 from compressor.methods.gptq import GPTQOptions, gptq_codes
 
 

@@ -10,7 +10,7 @@ the output features, giving one importance per INPUT feature. lrc's default `axi
 importance per torch row (output feature, summed over inputs), weighting the rows of W (out × in) —
 diag(d)·W as above. `axis: in` is the paper's literal reading: one importance per input column (summed over
 output rows), minimise ‖(W − Ŵ) diag(d)‖_F, fold diag(d)⁻¹ into the right factor A. Both Fisher sums are
-collected in one pass (compressor/fisher.py), so either axis costs the same.
+collected in one pass (compressor/pipeline/fisher.py), so either axis costs the same.
 
 Numerics: d is divided by its maximum (scaling d changes nothing) and floored at √floor (default floor 1e-6 of
 the largest importance), so a row with zero gradient keeps a finite fold-back 1/d; the count of floored
@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from compressor.factors import Decomposition, LowRank
+from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import split_factors, truncated_svd
-from compressor.rank import RankOptions
+from compressor.budget.rank import RankOptions
 from compressor.registry import register
 
 FISHER_FLOOR = 1e-6  # relative to the largest importance
@@ -47,7 +47,7 @@ def weights(W: torch.Tensor, stats, options: FWSVDOptions) -> tuple[torch.Tensor
     importance = stats.fisher if options.axis == "out" else stats.fisher_in
     size = W.shape[-2] if options.axis == "out" else W.shape[-1]
     if importance is None:
-        raise ValueError(f"fwsvd needs Fisher statistics (axis {options.axis}); collect them with compressor.fisher")
+        raise ValueError(f"fwsvd needs Fisher statistics (axis {options.axis}); collect them with compressor.pipeline.fisher")
     I = importance.to(device=W.device, dtype=torch.float64).clamp(min=0)
     I = I.expand(W.shape[0], size) if I.dim() == 1 else I
     if I.shape != (W.shape[0], size):

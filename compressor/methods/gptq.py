@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from compressor import quant
-from compressor.factors import Decomposition, Quantized
+from compressor.nn.factors import Decomposition, Quantized
 from compressor.methods.rtn import RTNOptions
 from compressor.registry import register
 

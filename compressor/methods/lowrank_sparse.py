@@ -41,7 +41,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compressor.factors import Decomposition, LowRankSparse, sparse_format_bytes
+from compressor.nn.factors import Decomposition, LowRankSparse, sparse_format_bytes
 from compressor.registry import register
 
 

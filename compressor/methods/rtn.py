@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from compressor import quant
-from compressor.factors import Decomposition, Quantized
+from compressor.nn.factors import Decomposition, Quantized
 from compressor.registry import register
 
 

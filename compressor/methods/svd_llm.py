@@ -16,7 +16,7 @@ and C_β = Ĝ + β(C − Ĝ), the objective expands to tr(Ŵ(Ĝ + λI)Ŵᵀ) −
 = ‖Ŵ S − W(C_β + λI)S⁻ᵀ‖² + const with S Sᵀ = Ĝ + λI: the truncated SVD of M = W(C_β + λI)S⁻ᵀ, then A = A′S⁻¹,
 and Σ_{i>r} σᵢ(M)² is the objective's rank-dependent part (what `spectrum` gives rank allocation). β = δ = 0 is
 plain SVD-LLM; with dense inputs C = Ĝ and β drops out. β > 0 costs one more forward per layer and a second
-activation stream (compressor/sequential.py).
+activation stream (compressor/pipeline/sequential.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
-from compressor.factors import Decomposition, LowRank
+from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, WhiteningMethod, split_factors, truncated_svd
-from compressor.rank import RankOptions
+from compressor.budget.rank import RankOptions
 from compressor.registry import register
 
 

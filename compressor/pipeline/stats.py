@@ -30,7 +30,7 @@ class Stats:
     abs_sum: torch.Tensor | None = None  # Σ |x|, (n,) fp64
     # Diagonal Fisher Σ_batches (∂L/∂W_ij)² of ONE module (not shared with the input's other readers: each weight
     # has its own gradient), summed over the input axis -> one importance per output row (m,), and over the
-    # output axis -> one per input column (n,). fp64. Set by compressor/fisher.py, see fisher.per_module_fisher.
+    # output axis -> one per input column (n,). fp64. Set by compressor/pipeline/fisher.py, see fisher.per_module_fisher.
     fisher: torch.Tensor | None = None
     fisher_in: torch.Tensor | None = None
     # Σ x x̂ᵀ, (n, n) fp64: x the DENSE model's input of this linear, x̂ the input it gets in the model being

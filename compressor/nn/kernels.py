@@ -171,7 +171,7 @@ def csr_linear(x: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return torch.sparse.mm(S, x2.T).T.reshape(*x.shape[:-1], S.shape[0])
 
 
-# Low-rank factors at inference (compressor.modules' prepare() methods and fuse_siblings).
+# Low-rank factors at inference (compressor.nn.modules' prepare() methods and fuse_siblings).
 
 
 def contiguous_factors(module, state_dict, prefix, local_metadata):

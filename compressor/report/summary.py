@@ -4,7 +4,7 @@ parameters actually kept, bytes of the weights, clamps, skipped targets with the
 Two ratios per target and in total: `param_ratio` (parameters kept — what papers compare; a quantised weight counts
 as one) and `size_ratio` (stored bytes of everything the checkpoint holds for the target — factors, codes, scales,
 zero points, sparse values and positions — over the same linear stored dense in the checkpoint's dtype). The
-bytes come from the tensors written (compressor.modules.stored_bytes), so they sum to the safetensors' sizes."""
+bytes come from the tensors written (compressor.nn.modules.stored_bytes), so they sum to the safetensors' sizes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import compressor
 def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> int:
     """Bytes of the persistent weights as they are (or would be) saved; floating tensors counted in
     `float_dtype` when given (the checkpoint dtype), except fp16 quantization scales which stay fp16."""
-    from compressor.modules import stored_bytes
+    from compressor.nn.modules import stored_bytes
 
     return stored_bytes(model, float_dtype)
 
@@ -28,7 +28,7 @@ def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) 
 def count_parameters(model: torch.nn.Module) -> int:
     """Logical parameters: every quantized weight counts as one (at its bit width), plus its scales and zero
     points; packed int32 words are not parameters. Low-rank factors, biases and residual paths count in full."""
-    from compressor.modules import QuantLinear, QuantLowRankLinear
+    from compressor.nn.modules import QuantLinear, QuantLowRankLinear
 
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
@@ -164,7 +164,7 @@ def encoding_lines(modules: list[dict]) -> list[str]:
 
 def render_markdown(report: dict, plots=()) -> str:
     """report.md. `plots`: PNG paths relative to the report's folder (e.g. `plots/rank.png`, from
-    compressor.plots.write_plots); each is embedded as an image, in the given order; none: no images."""
+    compressor.report.plots.write_plots); each is embedded as an image, in the given order; none: no images."""
     t = report["totals"]
     lines = [
         f"# lrc report — {report['model']} with `{report['recipe']}`",
@@ -210,7 +210,7 @@ def render_markdown(report: dict, plots=()) -> str:
                          f"{r['seconds']:.1f} |")
         lines.append("")
     if plots:
-        from compressor.plots import PLOTS
+        from compressor.report.plots import PLOTS
 
         for plot in plots:
             plot = str(plot).replace("\\", "/")

@@ -15,7 +15,7 @@ better (36.420 vs 36.430) — `batch_size` chooses. For a linear y = W x, ∂L_c
 tokens (δ = ∂L_c/∂y): hooks see x and δ, so no parameter ever needs `.grad`. Both axis sums are kept (m + n
 numbers per module), so `fwsvd`'s `axis` option picks either without a second pass. The same hooks also fold δ
 itself, squared per output channel (m more numbers): the loss's sensitivity to the module's OUTPUT, which rank
-allocation `weight: loss` uses to put every module's output error in units of loss (compressor/allocation.py).
+allocation `weight: loss` uses to put every module's output error in units of loss (compressor/budget/allocation.py).
 
 Memory plan: layer by layer, like the statistics pass, so models larger than the device work. Per chunk of
 `batch_size` windows:
@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.sequential import (LayerSource, capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers,
+from compressor.pipeline.sequential import (LayerSource, capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers,
                                    with_hidden)
-from compressor.stats import Stats
-from compressor.targets import find_decoder_layers
+from compressor.pipeline.stats import Stats
+from compressor.pipeline.targets import find_decoder_layers
 
 
 class FisherDiag(NamedTuple):
@@ -125,7 +125,7 @@ def collect_fisher(
     layers), summed over chunks of `batch_size` rows of `batches` (token ids, nsamples × seqlen). The model is
     returned unchanged.
 
-    `layer_io` (compressor/streaming.py): decoder layers that live on disk (meta device) until needed, with
+    `layer_io` (compressor/pipeline/streaming.py): decoder layers that live on disk (meta device) until needed, with
     `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device."""
     names = list(dict.fromkeys(target_names))
     _, layers = find_decoder_layers(model)

@@ -1,6 +1,6 @@
 """Export a quantized lrc output (rtn / gptq / eora recipes) as a standard quantized base plus a PEFT LoRA adapter.
 
-    from compressor.export_adapter import export_quantized_with_adapter
+    from compressor.io.export_adapter import export_quantized_with_adapter
     export_quantized_with_adapter("out/", "exported/")        # or: lrc export out/ --quantized-adapter -o exported/
 
     base = AutoModelForCausalLM.from_pretrained("exported/base")        # needs `compressed-tensors`, not lrc
@@ -62,9 +62,9 @@ from torch import nn
 
 from compressor import quant
 from compressor.errors import UserError
-from compressor.export import copy_tokenizer_files, detach_lrc_quantizer
-from compressor.io import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed, read_quantization_config
-from compressor.modules import QuantLinear
+from compressor.io.export import copy_tokenizer_files, detach_lrc_quantizer
+from compressor.io.checkpoint import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed, read_quantization_config
+from compressor.nn.modules import QuantLinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

@@ -1,6 +1,6 @@
 """Upload an lrc output directory to the Hugging Face Hub, with a generated model card.
 
-    from compressor.hub import upload
+    from compressor.io.hub import upload
     upload("out/", "me/qwen2.5-0.5b-svd-llm-20", token=..., private=True)
 
 What is sent: every file of the output directory (weights, config.json, tokenizer, recipe.yaml, report.json,
@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from compressor.errors import UserError
-from compressor.hf_integration import install_line
-from compressor.io import read_quantization_config
-from compressor.report import data_lines, encoding_lines
+from compressor.nn.hf_integration import install_line
+from compressor.io.checkpoint import read_quantization_config
+from compressor.report.summary import data_lines, encoding_lines
 
 CARD_NAME = "README.md"
 REQUIRED = ("config.json", "report.json", "recipe.yaml")

@@ -7,7 +7,7 @@ error directly:
     min over the compressed modules' refinable parameters θ of  Σ_windows ‖layer_θ(x̂) − y*‖² / Σ ‖y*‖²
 
 with x̂ the layer's calibration inputs (the compressed model's stream) and y* the target outputs: the dense
-layer on the same x̂, or the dense model's own outputs (the runner chooses; see compressor/sequential.py).
+layer on the same x̂, or the dense model's own outputs (the runner chooses; see compressor/pipeline/sequential.py).
 Only parameters a compressed module declares refinable (low-rank factors, sparse values, EoRA residuals) move;
 the rest of the layer (norms, the targets left dense, quantised weights) is frozen. Adam, a fixed number of
 epochs over the calibration windows in a seeded order: deterministic on a given device. The first
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.sequential import hidden_of, layer_output, move
+from compressor.pipeline.sequential import hidden_of, layer_output, move
 
 
 @dataclass

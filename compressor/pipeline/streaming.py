@@ -1,23 +1,23 @@
 """Compress a checkpoint larger than memory: weights stay on disk until their decoder layer is needed.
 
-    from compressor.streaming import compress_streaming
+    from compressor.pipeline.streaming import compress_streaming
     compress_streaming("path/or/hub-id", "svd-llm-20", "out/")
 
 How (CLI: `lrc compress ... --low-memory`):
   1. the model is built on the meta device (no memory); only the parts outside the decoder layers (embeddings,
      final norm, head, rotary tables) are read from the checkpoint's safetensors;
-  2. the layer-by-layer runner (compressor/sequential.py) asks `LazyLayers.load(i)` for decoder layer i just
+  2. the layer-by-layer runner (compressor/pipeline/sequential.py) asks `LazyLayers.load(i)` for decoder layer i just
      before it is used: its tensors are read from the memory-mapped safetensors files, cast to the compute dtype;
   3. when the runner is done with layer i (statistics, decomposition, outputs for layer i+1), `done(i)` writes
      its compressed tensors, in the storage dtype, to output shard i and sends the layer back to the meta device;
   4. the last shard holds the rest of the model; the index, config (with lrc's quantization_config), tokenizer
-     and report are written, and the temporary directory is renamed into place (atomic, like compressor/io.py).
+     and report are written, and the temporary directory is renamed into place (atomic, like compressor/io/checkpoint.py).
 Resident at any time: one decoder layer (plus its compressed copy while it is written), the non-layer weights,
 the calibration activations of one layer (nsamples × seqlen × hidden, twice), and that layer's statistics. The
 output is the same checkpoint `CompressionResult.save` writes (tests compare them tensor for tensor).
 
 The Fisher pass (`fwsvd`) runs first, reading each layer from disk twice per calibration chunk (`read`/`release`;
-compressor/fisher.py), while the embeddings and head are still loaded. Not streamable (refused with one line,
+compressor/pipeline/fisher.py), while the embeddings and head are still loaded. Not streamable (refused with one line,
 before any work): rank allocation other than uniform (it needs every layer's spectrum up front).
 """
 
@@ -38,11 +38,11 @@ from torch import nn
 
 from compressor import api
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, INDEX_NAME, atomic_output_dir, check_destination, publish, write_checkpoint
-from compressor.journal import fault
+from compressor.io.checkpoint import CONFIG_NAME, INDEX_NAME, atomic_output_dir, check_destination, publish, write_checkpoint
+from compressor.pipeline.journal import fault
 from compressor.recipe import load_recipe
-from compressor.report import count_parameters, state_bytes
-from compressor.targets import find_decoder_layers, layers_detached
+from compressor.report.summary import count_parameters, state_bytes
+from compressor.pipeline.targets import find_decoder_layers, layers_detached
 
 
 class CheckpointFiles:
@@ -226,8 +226,8 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
 
     `report_fn(result, model, storage_dtype, (params, bytes) before) -> (report dict, report_md, extra files)`,
     report_md the markdown or a function of the report giving it
-    adds the report to the output (compressor.workflow builds it); `skeleton`: a `load_skeleton` result already
-    in hand. `journal` (compressor/journal.py): its folder is where the output is written (the shards finished
+    adds the report to the output (compressor.pipeline.workflow builds it); `skeleton`: a `load_skeleton` result already
+    in hand. `journal` (compressor/pipeline/journal.py): its folder is where the output is written (the shards finished
     before an interruption are kept there), and the run resumes from it. Returns (CompressionResult, output path)."""
     out = Path(out)
     check_destination(out, overwrite)

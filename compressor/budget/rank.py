@@ -161,7 +161,7 @@ def allocate_global(spectra: dict, shapes: dict, budget: int, *, weight: str = "
     so taking items in order of w σ² / (m + n) while they fit is the greedy optimum for this separable problem
     (up to the last item at the budget edge). A module never exceeds max_rank (it would grow the layer).
     `weight`: "relative" (w = 1/Σσ², errors relative to ‖W X‖²) or "raw" (w = 1; spectra must then be in the same
-    units across modules — compressor/allocation.py weighs them by the loss first for `weight: loss`).
+    units across modules — compressor/budget/allocation.py weighs them by the loss first for `weight: loss`).
     """
     if weight not in ("relative", "raw"):
         raise ValueError(f"unknown allocation weight {weight!r}; allocate_global takes 'relative' or 'raw'")

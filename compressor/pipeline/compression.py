@@ -3,9 +3,9 @@
     1. targets     which linears the recipe touches; a fixed rank checked against their shapes
     2. fisher      the dense model's Fisher diagonal, when the method or the rank allocation needs it
     3. allocate    ranks under the recipe's global budget (`allocation: energy | global`): from statistics kept for
-                   the decompositions, or a planning pass that keeps only spectra (compressor/planning.py)
-    4. resume      the layers an interrupted run finished, from its journal (compressor/journal.py)
-    5. compress    layer by layer: the runner (compressor/sequential.py) calibrates each decoder layer, calls back
+                   the decompositions, or a planning pass that keeps only spectra (compressor/pipeline/planning.py)
+    4. resume      the layers an interrupted run finished, from its journal (compressor/pipeline/journal.py)
+    5. compress    layer by layer: the runner (compressor/pipeline/sequential.py) calibrates each decoder layer, calls back
                    `on_layer` (decompose + swap), `refine` (block refinement) and `layer_done` (journal), or, with
                    precomputed dense statistics, no calibration pass at all
     6. result      every target accounted for, weights rounded through the storage dtype
@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from compressor import registry
-from compressor.allocation import allocate_ranks, needs_output_gradients, validate_allocation
-from compressor.apply import ModuleReport, compress_layer, with_dense_bits
+from compressor.budget.allocation import allocate_ranks, needs_output_gradients, validate_allocation
+from compressor.pipeline.apply import ModuleReport, compress_layer, with_dense_bits
 from compressor.errors import UserError
-from compressor.fisher import fisher_of_targets, per_module_fisher
-from compressor.planning import plan_ranks
-from compressor.refine import RefineReport, refine_block
-from compressor.sequential import run_sequential
-from compressor.stats import Stats
-from compressor.targets import find_decoder_layers, select_targets
+from compressor.pipeline.fisher import fisher_of_targets, per_module_fisher
+from compressor.pipeline.planning import plan_ranks
+from compressor.pipeline.refine import RefineReport, refine_block
+from compressor.pipeline.sequential import run_sequential
+from compressor.pipeline.stats import Stats
+from compressor.pipeline.targets import find_decoder_layers, select_targets
 
 REPORT_STATS = frozenset({"gram"})  # the report's output error needs the Gram of every target
 
@@ -165,7 +165,7 @@ class Compression:
         self.start = self.resumed.done
         self.reports.extend(_module_report(d) for d in self.resumed.state["modules"])
         self.refinements.extend(RefineReport(**d) for d in self.resumed.state["refinement"])
-        from compressor.hf_integration import replace_linears
+        from compressor.nn.hf_integration import replace_linears
 
         replace_linears(self.model, {m.name: m.spec for m in self.reports if m.compressed})
         if self.layer_io is not None:

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compressor.stats import StatsCollector
-from compressor.targets import find_decoder_layers, layers_detached
+from compressor.pipeline.stats import StatsCollector
+from compressor.pipeline.targets import find_decoder_layers, layers_detached
 
 
 class _Captured(Exception):
@@ -156,7 +156,7 @@ class LayerSource:
     """Where decoder layers wait between uses, and how one comes to the compute device and goes back: every walk
     over the layers (calibration, the Fisher pass, the planning pass) moves them through one of these.
 
-    In memory the layers wait on `homes` (one device, or one per layer). With `layer_io` (compressor/streaming.py)
+    In memory the layers wait on `homes` (one device, or one per layer). With `layer_io` (compressor/pipeline/streaming.py)
     they wait on disk: a pass that writes (the compression pass) gets each with `load` and hands it to `done`, which
     writes its output shard; a pass that only reads (`writes=False`) uses `read` and `release`."""
 
@@ -206,7 +206,7 @@ def run_sequential(
     start_hidden: tuple[list, list | None] | None = None,
     on_layer_done: Callable[[int, nn.Module, list, list | None], None] | None = None,
 ) -> None:
-    """`layer_io` (see compressor/streaming.py): an object with `load(index, layer)`, called before a layer is
+    """`layer_io` (see compressor/pipeline/streaming.py): an object with `load(index, layer)`, called before a layer is
     used, and `done(index, layer)`, called once the runner no longer needs it — for weights that live on disk
     until needed (the decoder layers are then on the meta device until loaded). `read_only`: a pass that writes
     nothing (`read`/`release` instead, see LayerSource).
@@ -351,5 +351,5 @@ def _recorded_inputs(modules: dict[str, nn.Module]):
 
 
 def move_all_but_layers(model: nn.Module, device) -> None:
-    with layers_detached(model):  # parts released to the meta device (compressor/streaming.py) stay there
+    with layers_detached(model):  # parts released to the meta device (compressor/pipeline/streaming.py) stay there
         model._apply(lambda t: t if t.is_meta else t.to(device))

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, check_destination
+from compressor.io.checkpoint import CONFIG_NAME, check_destination
 
 _SPACE_MARGIN = 1.05  # report.json, plots, tokenizer files and filesystem slack on top of the weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")

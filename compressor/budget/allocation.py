@@ -11,7 +11,7 @@ What `global` compares across modules (`allocation_options.weight`), and which s
   "scaled" spectra (ASVD, FWSVD normalise their scaling per module, so their scale is arbitrary per module).
 - `relative`: each error relative to the module's total Σσ² (‖W X‖² for svd-llm); scale-free, any method.
 - `loss`: each output error in units of LM loss (Gauss-Newton / Fisher): with h_i = Σ_t (∂L/∂y_ti)² from the
-  Fisher pass (compressor/fisher.py), the loss increase of an output error E = ΔW X is ≈ ½ Σ_t Σ_i h_ti E_ti²
+  Fisher pass (compressor/pipeline/fisher.py), the loss increase of an output error E = ΔW X is ≈ ½ Σ_t Σ_i h_ti E_ti²
   ≈ ½ Σ_i h̄_i ‖E_i‖² (h̄ the per-token mean: the gradient and the error assumed uncorrelated over tokens), i.e.
   ‖diag(√h̄) ΔW X‖². For an "output" spectrum the rows of W are the output channels, so the method's spectrum
   of diag(√h̄)·W measures exactly that; it steers the allocation only (the decomposition and the predicted
@@ -26,9 +26,9 @@ from dataclasses import replace
 
 import torch
 
-from compressor.byte_budget import allocate_bytes
+from compressor.budget.byte_budget import allocate_bytes
 from compressor.errors import UserError
-from compressor.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank, round_rank
+from compressor.budget.rank import allocate_energy, allocate_global, predicted_relative_error, resolve_rank, round_rank
 from compressor.registry import SPECTRUM_UNITS
 
 
@@ -36,7 +36,7 @@ def validate_allocation(recipe, method) -> None:
     """Refuse, before any calibration work, an allocation that `method`'s spectrum cannot support."""
     if recipe.allocation == "uniform":
         return
-    if method.choices is not None:  # a byte budget over encodings (compressor/byte_budget.py): output-error units
+    if method.choices is not None:  # a byte budget over encodings (compressor/budget/byte_budget.py): output-error units
         if recipe.allocation != "global":
             raise UserError(f"'{method.name}' spends a byte budget across targets with allocation 'global'; "
                             f"'{recipe.allocation}' is for low-rank methods")
@@ -82,7 +82,7 @@ def loss_weights(fisher: dict, names) -> dict[str, torch.Tensor]:
 def allocate_ranks(recipe, method, options, layer_targets, statistics, fisher=None
                    ) -> dict[str, tuple[int | None, float | None]]:
     """name -> (rank or None for "keep dense", predicted relative output error), from every layer's statistics
-    (a CalibrationStatistics). compressor/planning.py does the same keeping only the spectra.
+    (a CalibrationStatistics). compressor/pipeline/planning.py does the same keeping only the spectra.
 
     `fisher`: collect_fisher's result for these targets, needed by `weight: loss` (its `output_grad_sq`)."""
     plan = Spectra(recipe, method, options, layer_targets, fisher)
@@ -100,7 +100,7 @@ class Spectra:
         self.recipe, self.method, self.options, self.layer_targets = recipe, method, options, layer_targets
         self.by_loss = needs_output_gradients(recipe)
         if self.by_loss and fisher is None:
-            raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.fisher.collect_fisher)")
+            raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.pipeline.fisher.collect_fisher)")
         self.scales = loss_weights(fisher, [n for t in layer_targets for n in t]) if self.by_loss else {}
         self.spectra, self.weighted, self.shapes, self.choices = {}, {}, {}, {}
 

@@ -1,6 +1,6 @@
 """PNG plots of a report.json: rank and relative errors per module, parameters per decoder layer, perplexity.
 
-    from compressor.plots import write_plots
+    from compressor.report.plots import write_plots
     write_plots(json.load(open("out/report.json")), Path("out/plots"))  # -> [out/plots/rank.png, ...]
 
 Headless: figures are `matplotlib.figure.Figure` objects drawn by the Agg canvas, never pyplot, so there is no
@@ -235,7 +235,7 @@ def render_report(out) -> list[Path]:
     import os
 
     from compressor.errors import UserError
-    from compressor.report import render_markdown
+    from compressor.report.summary import render_markdown
 
     out = Path(out)
     source = out / "report.json"

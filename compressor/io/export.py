@@ -1,6 +1,6 @@
 """Export an lrc checkpoint as a plain dense transformers checkpoint (loads without lrc; no smaller than the base).
 
-    from compressor.export import export_dense
+    from compressor.io.export import export_dense
     export_dense("out/", "dense/")
 
 Every compressed module becomes an `nn.Linear` whose weight is the module's `dense_weight()` (B·A for low rank,
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
-from compressor.io import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed
-from compressor.modules import COMPRESSED_MODULES
+from compressor.io.checkpoint import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed
+from compressor.nn.modules import COMPRESSED_MODULES
 
 # Tokenizer and chat-template files of a checkpoint directory, copied verbatim.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -31,7 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _bias(module: nn.Module):
     """A compressed module's bias: its own `bias` (QuantLinear) or its output factor's (`B.bias`: the low-rank
-    modules). Works for any module kind that follows one of the two layouts of compressor.modules."""
+    modules). Works for any module kind that follows one of the two layouts of compressor.nn.modules."""
     bias = getattr(module, "bias", None)
     if bias is None and isinstance(getattr(module, "B", None), nn.Linear):
         bias = module.B.bias

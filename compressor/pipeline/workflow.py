@@ -1,6 +1,6 @@
 """End-to-end jobs behind the CLI, usable from Python: compress a checkpoint to a directory, evaluate one.
 
-    from compressor.workflow import compress_checkpoint
+    from compressor.pipeline.workflow import compress_checkpoint
     report = compress_checkpoint("Qwen/Qwen2.5-0.5B", "svd-llm-20", "out/", evaluate_ppl=True)
 
 Every user error is detected before the model is loaded where possible (output directory, recipe, calibration
@@ -26,11 +26,11 @@ from rich.text import Text
 from compressor import api
 from compressor.data import load_texts
 from compressor.errors import UserError
-from compressor.journal import Journal, fault, refuse_leftover, run_identity
-from compressor.preflight import check_model_source, check_output
+from compressor.pipeline.journal import Journal, fault, refuse_leftover, run_identity
+from compressor.io.preflight import check_model_source, check_output
 from compressor.recipe import load_recipe
-from compressor.report import build_report, count_parameters, render_markdown, state_bytes
-from compressor.targets import find_decoder_layers, select_targets
+from compressor.report.summary import build_report, count_parameters, render_markdown, state_bytes
+from compressor.pipeline.targets import find_decoder_layers, select_targets
 
 console = Console(stderr=True)
 
@@ -122,7 +122,7 @@ def report_plots(report: dict) -> dict[str, bytes]:
     """{"plots/NAME.png": PNG bytes} for the report's plots, so they are written atomically with the output."""
     import tempfile
 
-    from compressor.plots import write_plots
+    from compressor.report.plots import write_plots
 
     with tempfile.TemporaryDirectory() as folder:
         return {f"plots/{p.name}": p.read_bytes() for p in write_plots(report, Path(folder))}
@@ -155,7 +155,7 @@ def compress_checkpoint(
     resume: bool = False,
     target_bytes: int | None = None,
 ) -> dict:
-    """`resume`: finish the run an interruption left in `.OUT.partial/` (compressor/journal.py); without it such a
+    """`resume`: finish the run an interruption left in `.OUT.partial/` (compressor/pipeline/journal.py); without it such a
     leftover is refused before any work. `target_bytes`: the whole checkpoint's weights in at most this many bytes
     (sets the recipe's size_ratio for the targeted linears: what the rest of the checkpoint leaves them)."""
     out = Path(out)
@@ -171,8 +171,8 @@ def compress_checkpoint(
         load_texts(eval_data, split_default="test")
     timings = {}
     t0 = time.perf_counter()
-    if low_memory:  # decoder layers stay on disk until the runner needs them (compressor/streaming.py)
-        from compressor.streaming import compress_streaming, load_skeleton
+    if low_memory:  # decoder layers stay on disk until the runner needs them (compressor/pipeline/streaming.py)
+        from compressor.pipeline.streaming import compress_streaming, load_skeleton
 
         skeleton = load_skeleton(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         model, tok, storage = skeleton.model, skeleton.tokenizer, skeleton.storage_dtype

@@ -4,15 +4,15 @@ and frees every layer's statistics as it goes. For a 7B model that is a few MB i
 Grams that keeping every layer's statistics would hold, and with `layer_io` (--low-memory) it reads each decoder
 layer from disk and sends it back, so allocation works with one layer in memory.
 
-When the recipe's decompositions use exactly the dense model's statistics (compressor.pipeline.dense_statistics_suffice)
+When the recipe's decompositions use exactly the dense model's statistics (compressor.pipeline.compression.dense_statistics_suffice)
 and the model is in memory, the pipeline keeps the statistics instead and skips its second pass.
 """
 
 from __future__ import annotations
 
-from compressor.allocation import Spectra
-from compressor.fisher import per_module_fisher
-from compressor.sequential import run_sequential
+from compressor.budget.allocation import Spectra
+from compressor.pipeline.fisher import per_module_fisher
+from compressor.pipeline.sequential import run_sequential
 
 
 def plan_ranks(model, batches, recipe, method, options, layer_targets, needs, *, fisher=None, loss_fisher=None,

@@ -41,14 +41,14 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compressor.modules import empty_module, prepare_inference
+from compressor.nn.modules import empty_module, prepare_inference
 
 QUANT_METHOD = "lrc"
 # What plain transformers prints when it meets an lrc checkpoint ("has model type `...` but Transformers does not
 # recognize this architecture"): it must tell the reader what to do. Part of the format: never change it.
 MODEL_TYPE = "lrc (run 'import compressor' first; install lrc from its repository, not the PyPI package named lrc)"
 _DEFAULT_VERSION = "0.1.0"
-from compressor.modules import KINDS as _KINDS  # noqa: E402  (every kind empty_module rebuilds)
+from compressor.nn.modules import KINDS as _KINDS  # noqa: E402  (every kind empty_module rebuilds)
 
 
 def _version() -> str:
@@ -202,7 +202,7 @@ class LrcHfQuantizer(HfQuantizer):
         # The loaded config is the base architecture's (LlamaConfig, ...), whose save writes its own model_type:
         # this model's own save_pretrained (push_to_hub and Trainer go through it) marks the copy it writes.
         model.save_pretrained = functools.partial(_save_marked, model)
-        prepare_inference(model)  # stored codes -> packed kernel layouts, once (compressor/kernels.py)
+        prepare_inference(model)  # stored codes -> packed kernel layouts, once (compressor/nn/kernels.py)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

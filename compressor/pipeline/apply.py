@@ -5,7 +5,7 @@ comes from rank.py for factorising methods; a target where factoring would not s
 and gets a report line saying so.
 
 Bytes: every report line also carries the target's stored bytes before (dense, in the checkpoint's dtype) and
-after (the replacement module's tensors as they will be written: compressor.modules.stored_bytes), so
+after (the replacement module's tensors as they will be written: compressor.nn.modules.stored_bytes), so
 `size_ratio` is measured, not predicted. Options with a `dense_bits` field (byte budgets) get it filled in from
 the checkpoint's dtype; a factorising method whose options set `factor_bits` has its factors quantised
 (compressor/methods/factor_quant.py) before the modules are built.
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from compressor.methods.factor_quant import quantize_decomposition
-from compressor.modules import module_from_factors, stored_bytes
-from compressor.rank import resolve_rank
+from compressor.nn.modules import module_from_factors, stored_bytes
+from compressor.budget.rank import resolve_rank
 from compressor.registry import Method
-from compressor.stats import Stats
-from compressor.targets import set_submodule
+from compressor.pipeline.stats import Stats
+from compressor.pipeline.targets import set_submodule
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The low-rank replacements for nn.Linear: LowRankLinear (y = B(A x) + bias) and LowRankSparseLinear (+ S x).
 
-Their tensor names are the checkpoint format, listed in compressor/modules.py (the public entry point, which re-exports
+Their tensor names are the checkpoint format, listed in compressor/nn/modules.py (the public entry point, which re-exports
 these). Their prepare() methods derive unsaved inference copies at load time — factors with their transposes
 contiguous, S as CSR or merged into one dense weight — and `fuse_siblings` shares one A GEMM between siblings.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor import kernels
-from compressor.factors import sparse_index_dtype, unpack_mask
+from compressor.nn import kernels
+from compressor.nn.factors import sparse_index_dtype, unpack_mask
 
 
 class LowRankLinear(nn.Module):
@@ -48,7 +48,7 @@ class LowRankLinear(nn.Module):
         return self.B.weight.double() @ self.A.weight.double()
 
     def refinable_parameters(self) -> list[nn.Parameter]:
-        """What block refinement (compressor/refine.py) may train: the factors, not the bias."""
+        """What block refinement (compressor/pipeline/refine.py) may train: the factors, not the bias."""
         return [self.A.weight, self.B.weight]
 
     def spec(self) -> dict:
@@ -61,7 +61,7 @@ class LowRankLinear(nn.Module):
 @torch.no_grad()
 def fuse_siblings(model: nn.Module, example: torch.Tensor | None = None) -> list[list[str]]:
     """Give the LowRankLinears that read the same input one shared A GEMM (kernels.SharedInputA). The siblings are
-    found the way calibration finds them (compressor/stats.py): from which tensor each module receives in one forward of
+    found the way calibration finds them (compressor/pipeline/stats.py): from which tensor each module receives in one forward of
     `example` (default: one token id 0), not from names. Changes no stored tensor. Returns the fused groups."""
     names = {m: n for n, m in model.named_modules() if type(m) is LowRankLinear}
     seen: list[tuple[torch.Tensor, LowRankLinear]] = []  # the tensors are kept alive so their identities stay unique
@@ -154,7 +154,7 @@ class LowRankSparseLinear(nn.Module):
     def prepare(self, x=None) -> str:
         """Build the inference product once (load time; again when the weights, device or dtype change):
         "csr" — y = B(A x) + bias + S x with S in CSR; "merged" — one dense GEMM by W = B·A + S formed in fp64
-        (see compressor.kernels.SPARSE_CSR_MAX_DENSITY for which and why). Changes no stored tensor."""
+        (see compressor.nn.kernels.SPARSE_CSR_MAX_DENSITY for which and why). Changes no stored tensor."""
         like = x if x is not None else self.A.weight
         key = self._weights_key(like)
         if self._fast is not None and self._fast[0] == key:

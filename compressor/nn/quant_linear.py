@@ -1,8 +1,8 @@
 """The quantised replacements for nn.Linear: QuantLinear (packed b-bit weight, optional EoRA residual) and
 QuantLowRankLinear (both low-rank factors as packed b-bit codes).
 
-Their tensor names are the checkpoint format, listed in compressor/modules.py (the public entry point, which re-exports
-these). QuantLinear.prepare() converts the stored codes to a packed kernel's layout (compressor/kernels.py) at load
+Their tensor names are the checkpoint format, listed in compressor/nn/modules.py (the public entry point, which re-exports
+these). QuantLinear.prepare() converts the stored codes to a packed kernel's layout (compressor/nn/kernels.py) at load
 time; the fp16 `*scales` stay fp16 whatever dtype the model is cast to, being part of the packed format.
 """
 
@@ -13,8 +13,9 @@ import warnings
 import torch
 from torch import nn
 
-from compressor import kernels, quant
-from compressor.factors import factor_group_size
+from compressor import quant
+from compressor.nn import kernels
+from compressor.nn.factors import factor_group_size
 
 
 class QuantLinear(nn.Module):
@@ -31,7 +32,7 @@ class QuantLinear(nn.Module):
         if rank:
             self.lora_A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
             self.lora_B = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
-        # The stored codes in a packed kernel's layout (compressor/kernels.py): derived, never saved (not a buffer).
+        # The stored codes in a packed kernel's layout (compressor/nn/kernels.py): derived, never saved (not a buffer).
         # use_kernel False: always the exact dequantise path (the fp32 reference the kernels are tested against).
         self._packed: kernels.Packed | None = None
         self._fallback = False

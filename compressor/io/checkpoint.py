@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 
 from torch import nn
 
-from compressor import hf_integration
+from compressor.nn import hf_integration
 from compressor.errors import UserError, out_of_space
-from compressor.modules import COMPRESSED_MODULES
+from compressor.nn.modules import COMPRESSED_MODULES
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -101,7 +101,7 @@ def write_extra_files(folder: Path, files: dict) -> None:
 def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):
     """Load an lrc checkpoint directory. `dtype`: None keeps the checkpoint's dtype; `device`: e.g. "cuda:0".
     Strict: any missing, unexpected or mismatched weight is an error. `fuse_siblings`: low-rank linears that read
-    the same input (q/k/v, gate/up) share one GEMM for their A factors (compressor.modules.fuse_siblings; no stored
+    the same input (q/k/v, gate/up) share one GEMM for their A factors (compressor.nn.modules.fuse_siblings; no stored
     tensor changes)."""
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +123,7 @@ def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):
     if loaded != qc["modules"]:
         raise UserError(f"checkpoint {path}: compressed modules after loading differ from its quantization_config")
     if fuse_siblings:
-        from compressor.modules import fuse_siblings as fuse
+        from compressor.nn.modules import fuse_siblings as fuse
 
         fuse(model)
     return model
