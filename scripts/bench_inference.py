@@ -28,7 +28,7 @@ growth over one run of every workload (GPU: max_memory_allocated; CPU: a subproc
 VmHWM via /proc/self/clear_refs and runs again with a fixed glibc mmap threshold — in one process, heap freed by one
 model hides the next one's peak; measured repeatable to <1 MiB).
 
-Where the speed comes from, on one CPU thread (README "Speed and scale" has the tables): decode is bound by reading
+Where the speed comes from, on one CPU thread (docs/benchmarks.md has the tables): decode is bound by reading
 the weights once per token. rtn-4bit's packed int4 kernel reads an eighth of fp32's bytes (torch's CPU kernel is
 vectorised for bf16 activations only, so activations are cast to bf16 around it); low rank reads r(m+n)/(mn) of
 them (0.8 at 20% removed, 0.6 at 40%) in two GEMMs, which BLAS runs well only with the factors' transposes

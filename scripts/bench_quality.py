@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_quality.py                       # the shipped demo model (a few minutes)
     .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40
-    .venv/bin/python scripts/bench_quality.py --update-readme       # also write README.md's results block
+    .venv/bin/python scripts/bench_quality.py --update-readme       # also write docs/benchmarks.md's results block
     .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct --max-windows 40 --rows lowrank \
         --json bench-results/quality-smollm2.json                  # issue 12: lowrank vs svd-llm, each option alone
     .venv/bin/python scripts/bench_quality.py --model .cache/smollm2-135m-instruct-bf16 --max-windows 40 --rows bytes \
@@ -107,12 +107,13 @@ def main():
                              "bytes: svd-llm with 16- vs 8-bit factors at equal stored bytes")
     parser.add_argument("--json", type=Path, default=Path("bench-results/quality.json"))
     parser.add_argument("--update-readme", action="store_true",
-                        help="write README.md's results block from this run (scripts/update_readme.py)")
+                        help="write docs/benchmarks.md's results block from this run (scripts/update_readme.py)")
     args = parser.parse_args()
     if args.update_readme and (args.only or args.rows != "all"):
-        parser.error("--update-readme writes README's whole table: run every row (drop --only and --rows)")
+        parser.error("--update-readme writes the results block's whole table: run every row "
+                     "(drop --only and --rows)")
 
-    console = Console(width=130)  # wide enough for every label: the printed table is pasted into README
+    console = Console(width=130)  # wide enough for every label: the printed table is pasted into docs/benchmarks.md
     loaded = api.load_model(args.model)
     calib = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}"]
     evaluate = lambda m: api.evaluate(m, loaded.tokenizer, seqlen=args.eval_seqlen,  # noqa: E731
@@ -146,8 +147,8 @@ def main():
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=1))
     if args.update_readme:
-        update_results(data)
-        console.print("wrote README.md's results block")
+        written = update_results(data)
+        console.print(f"wrote the results block of {written}")
 
 
 def results_table(data: dict) -> Table:
