@@ -1,4 +1,4 @@
-"""`lrc` command line: a thin click layer over compressor.api / compressor.pipeline.workflow.
+"""`lrc` command line: a thin click layer over compressor.api.
 
 User errors print one line (`error: ...`) on stderr and exit with code 2; nothing half-written stays on disk.
 """
@@ -82,18 +82,7 @@ def compress(model, recipe, target_size, output, overrides, calib, nsamples, seq
              eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype,
              trust_remote_code):
     """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
-    from compressor.pipeline.workflow import compress_checkpoint, parse_target_size
-
-    if recipe is None and target_size is None:
-        raise UserError("compress needs --recipe (lrc recipes list) or --target-size")
-    recipe = recipe or "auto"
-    target_bytes = None
-    if target_size is not None:
-        kind, value = parse_target_size(target_size)
-        if kind == "ratio":  # first: an explicit --set size_ratio still wins
-            overrides = (f"size_ratio={value}", *overrides)
-        else:
-            target_bytes = value
+    from compressor.api import compress_checkpoint
 
     evaluate_ppl = evaluate_ppl or eval_data is not None  # asking for evaluation data means evaluating
     extra = [f"calibration.{k}={v}" for k, v in (("nsamples", nsamples), ("seqlen", seqlen), ("seed", seed))
@@ -101,10 +90,10 @@ def compress(model, recipe, target_size, output, overrides, calib, nsamples, seq
     if dense_inputs:
         extra.append("sequential.inputs=dense")
     report = compress_checkpoint(
-        model, recipe, output, overrides=tuple(overrides) + tuple(extra), calib=calib, evaluate_ppl=evaluate_ppl,
-        eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, device=device, dtype=dtype,
-        overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots, low_memory=low_memory,
-        resume=resume, target_bytes=target_bytes,
+        model, recipe, output, overrides=tuple(overrides) + tuple(extra), target_size=target_size, calib=calib,
+        evaluate_ppl=evaluate_ppl, eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows,
+        device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots,
+        low_memory=low_memory, resume=resume,
     )
     out.print(_summary_table(report))
     out.print(f"wrote {output}/ (report.md, report.json, recipe.yaml, weights)")

@@ -17,6 +17,8 @@ method's options; dotted keys (`calibration.nsamples=32`) address any field.
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +107,11 @@ class Recipe(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "Recipe":
+        """This recipe with more `--set` assignments applied, validated as `load_recipe` validates them (the
+        YAML is not read again)."""
+        return _build(copy.deepcopy(self.model_dump(mode="json")), overrides, f"recipe '{self.name}'")
 
     def with_defaults(self) -> "Recipe":
         """The same recipe with every method option written out (`lrc recipes show`): each default the method
@@ -201,7 +208,20 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe by built-in name or YAML path, with `--set` overrides applied before validation."""
     data, source = _read(name_or_path)
+    return _build(data, overrides, source)
+
+
+def as_recipe(recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """`recipe` itself when it is a Recipe (with `overrides` applied), else loaded by name or path: the one place
+    the Python API turns what a caller passed into a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe.with_overrides(overrides) if overrides else recipe
+    return load_recipe(recipe, overrides)
+
+
+def _build(data: dict, overrides, source: str) -> Recipe:
     for assignment in overrides:
         apply_override(data, assignment)
     try:
@@ -218,3 +238,23 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         msg = _format_validation_error(err, source).replace("key '", "key 'options.").replace("for '", "for 'options.")
         raise UserError(msg) from None
     return recipe
+
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+              "gib": 2**30, "tib": 2**40}
+
+
+def parse_target_size(text: str) -> tuple[str, float | int]:
+    """'0.4' -> ("ratio", 0.4); '4.5GB' / '800 MiB' / '123456789' (bytes) -> ("bytes", n)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if match is None or match.group(2) not in SIZE_UNITS and match.group(2) != "":
+        raise UserError(f"--target-size {text!r}: give a fraction such as 0.4 or a size such as 4.5GB / 800MiB")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and 0 < number < 1:
+        return "ratio", number
+    if not unit and number.is_integer() and number >= 1:
+        return "bytes", int(number)
+    if unit and number > 0:
+        return "bytes", int(number * SIZE_UNITS[unit])
+    raise UserError(f"--target-size {text!r}: a fraction must lie strictly between 0 and 1; a size needs a unit "
+                    "(4.5GB, 800MiB) or a whole number of bytes")

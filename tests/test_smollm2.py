@@ -72,7 +72,7 @@ def test_weighting_orders_the_methods_as_the_papers_claim(smol):
 
 def test_lowrank_recipes_cut_svd_llms_damage_as_issue_12_asks(smol):
     """lrc's best low-rank recipes against plain SVD-LLM at the same parameter budget (issue 12: ≤ 0.75× at 20 %
-    removed, ≤ 0.55× at 40 %). Measured ratios: README, "Real-LLM quality"."""
+    removed, ≤ 0.55× at 40 %). Measured ratios: docs/benchmarks.md, "Real-LLM quality"."""
     _, ppl = smol
     assert ppl("lowrank-20") <= 0.75 * ppl("svd-llm-20")
     assert ppl("lowrank-40") <= 0.55 * ppl("svd-llm-40")

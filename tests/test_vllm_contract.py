@@ -95,5 +95,5 @@ def test_base_quantization_config_is_a_vllm_wna16_scheme(exported):
         assert weights["strategy"] in ("group", "channel")
         assert weights["strategy"] == "channel" or weights["group_size"] in MARLIN_GROUP_SIZES
         assert weights["symmetric"] is False  # lrc's rtn/eora default: needs vLLM's zero-point WNA16 path
-    # The tiny model's 64-wide layers are below Marlin's 128-column tile: reported, as the README says.
+    # The tiny model's 64-wide layers are below Marlin's 128-column tile: reported, as docs/benchmarks.md says.
     assert vllm_shape_problems(exported / "base")

@@ -52,7 +52,7 @@ from compressor.registry import register
 Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-6bit", "gptq-5bit", "gptq-4bit",
                     "gptq-3bit", "gptq-8bit+eora", "gptq-4bit+eora", "gptq-3bit+eora"]
 ALL: tuple = Candidate.__args__
-# Every candidate by default: on SmolLM2 the 6-/5-bit widths take --target-size 0.4 from 43.16 to 42.74 (README),
+# Every candidate by default: on SmolLM2 the 6-/5-bit widths take --target-size 0.4 from 43.16 to 42.74 (docs/benchmarks.md),
 # at the price of layers without a packed kernel (the `candidates` override keeps every layer on one).
 DEFAULT: tuple = ALL
 LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}

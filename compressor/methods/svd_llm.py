@@ -10,7 +10,7 @@ the dense model saw X. Two options change the target, not the solver. Over rank-
     (1 − β)‖(W − Ŵ)X̂‖² + β‖W X − Ŵ X̂‖² + λ‖W − Ŵ‖²_F,    λ = δ·tr(Ĝ)/n  (n input features).
 
 `beta` (β ∈ [0, 1]) shrinks towards fitting the dense outputs W X ("error-aware": the layer also undoes, as far
-as a rank-r map can, the error its inputs already carry); β = 1 alone destroyed SmolLM2 (ppl 80 → 1377, README).
+as a rank-r map can, the error its inputs already carry); β = 1 alone destroyed SmolLM2 (ppl 80 → 1377, docs/benchmarks.md).
 `ridge` (δ ≥ 0) keeps Ŵ near W in directions X̂ hardly visits. With Ĝ = X̂ X̂ᵀ, C = X X̂ᵀ (the "cross" statistic)
 and C_β = Ĝ + β(C − Ĝ), the objective expands to tr(Ŵ(Ĝ + λI)Ŵᵀ) − 2 tr(W(C_β + λI)Ŵᵀ) + const
 = ‖Ŵ S − W(C_β + λI)S⁻ᵀ‖² + const with S Sᵀ = Ĝ + λI: the truncated SVD of M = W(C_β + λI)S⁻ᵀ, then A = A′S⁻¹,
@@ -35,7 +35,7 @@ class SVDLLMOptions(RankOptions):
     whitening: WhiteningMethod = "eigh"
     beta: float = Field(0.0, ge=0, le=1, description="weight of fitting the dense outputs W·X from the compressed "
                                                      "inputs X̂ (0: fit W·X̂; needs sequential.inputs: compressed to "
-                                                     "matter); 1 hurts real LLMs, see README")
+                                                     "matter); 1 hurts real LLMs, see docs/methods.md")
     ridge: float = Field(0.0, ge=0, description="δ: adds λ‖W − Ŵ‖²_F with λ = δ·tr(Ĝ)/n (keeps Ŵ near W)")
 
     @field_validator("beta", "ridge", mode="before")

@@ -1,4 +1,4 @@
-"""One compression of a model with a recipe, as a sequence of steps (compressor.api.compress runs them in order):
+"""One compression of a model with a recipe, as a sequence of steps (`compress_model` runs them in order):
 
     1. targets     which linears the recipe touches; a fixed rank checked against their shapes
     2. fisher      the dense model's Fisher diagonal, when the method or the rank allocation needs it
@@ -30,6 +30,7 @@ from compressor.errors import UserError
 from compressor.pipeline.fisher import fisher_of_targets, per_module_fisher
 from compressor.pipeline.planning import plan_ranks
 from compressor.pipeline.refine import RefineReport, refine_block
+from compressor.pipeline.result import CompressionResult, calibration_data
 from compressor.pipeline.sequential import run_sequential
 from compressor.pipeline.stats import Stats
 from compressor.pipeline.targets import find_decoder_layers, select_targets
@@ -48,13 +49,15 @@ class CalibrationStatistics:
 
 
 def collect_statistics(model, batches: torch.Tensor, recipes, *, device="cpu", batch_size=8, progress=None,
-                       fisher=None) -> CalibrationStatistics:
-    """One dense calibration pass gathering what all `recipes` (Recipe objects) need; they must agree on targets.
+                       fisher=None, layer_targets=None) -> CalibrationStatistics:
+    """One dense calibration pass gathering what all `recipes` (Recipe objects) need; they must agree on targets
+    (`layer_targets`: already selected with them).
 
     When a recipe needs "fisher", the Fisher pass runs first (or `fisher` from `collect_fisher` is reused) and
     every target gets its own Stats (see fisher.per_module_fisher)."""
     needs = REPORT_STATS.union(*(registry.get(r.method).needs_for(r.method_options()) for r in recipes))
-    layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
+    if layer_targets is None:
+        layer_targets = select_targets(model, recipes[0].targets, recipes[0].ignore)
     layers = []
     if "fisher" in needs and fisher is None:
         fisher = fisher_of_targets(model, batches, layer_targets, device=device, batch_size=batch_size)
@@ -85,8 +88,9 @@ class Compression:
     """The state of one compression across its steps, and the callbacks the layer runner makes."""
 
     def __init__(self, model: nn.Module, recipe, *, device="cpu", batch_size=8, storage_dtype=None, progress=None,
-                 layer_io=None, journal=None):
+                 layer_io=None, journal=None, layer_targets=None):
         self.model, self.recipe, self.device, self.batch_size = model, recipe, device, batch_size
+        self.layer_targets = layer_targets
         self.storage_dtype, self.progress, self.layer_io, self.journal = storage_dtype, progress, layer_io, journal
         self.method = registry.get(recipe.method)
         validate_allocation(recipe, self.method)
@@ -103,7 +107,9 @@ class Compression:
 
     # 1. ------------------------------------------------------------------------------------------------------------
     def select_targets(self, statistics: CalibrationStatistics | None) -> None:
-        self.layer_targets = select_targets(self.model, self.recipe.targets, self.recipe.ignore)
+        """The recipe's targets, unless the caller selected them already (a run selects them once, up front)."""
+        if self.layer_targets is None:
+            self.layer_targets = select_targets(self.model, self.recipe.targets, self.recipe.ignore)
         if self.method.factorizes:  # (a residual's rank, as EoRA's, is capped at full rank instead)
             _check_fixed_rank(getattr(self.options, "rank", None), self.layer_targets)
         if statistics is not None:
@@ -145,7 +151,8 @@ class Compression:
         if statistics is None and dense_statistics_suffice(recipe) and self.layer_io is None:
             # The decompositions use exactly these statistics: keep them, and skip the second calibration pass.
             statistics = collect_statistics(self.model, batches, [recipe], device=self.device,
-                                            batch_size=self.batch_size, fisher=self.fisher)
+                                            batch_size=self.batch_size, fisher=self.fisher,
+                                            layer_targets=self.layer_targets)
         if statistics is not None:
             self.allocated = allocate_ranks(recipe, self.method, options, self.layer_targets, statistics,
                                             fisher=loss_fisher)
@@ -249,6 +256,32 @@ class Compression:
         if self.storage_dtype is not None:
             _round_through(self.model, self.storage_dtype)
         self.timings["compress_total"] = time.perf_counter() - self.started
+
+
+def compress_model(model: nn.Module, recipe, *, layer_targets=None, tokenizer=None, calib: str | None = None,
+                   batches: torch.Tensor | None = None, statistics: CalibrationStatistics | None = None,
+                   device: str = "cpu", batch_size: int = 8, storage_dtype: torch.dtype | None = None, progress=None,
+                   layer_io=None, journal=None) -> CompressionResult:
+    """Compress `model` in place with `recipe` (a Recipe: parsed by the caller) through the steps above.
+    `layer_targets`: the recipe's targets when the caller selected them already. See compressor.api.compress for
+    the other arguments."""
+    run = Compression(model, recipe, device=device, batch_size=batch_size, storage_dtype=storage_dtype,
+                      progress=progress, layer_io=layer_io, journal=journal, layer_targets=layer_targets)
+    run.select_targets(statistics)
+    calibration: dict = {}
+    if batches is None and statistics is None:
+        if tokenizer is None:
+            raise ValueError("compress() needs `batches` or a `tokenizer` to build calibration data")
+        t0 = time.perf_counter()
+        batches, calibration = calibration_data(tokenizer, recipe, calib)
+        run.timings["calibration_data"] = time.perf_counter() - t0
+    run.fisher_pass(batches, statistics)
+    statistics = run.allocate(batches, statistics)
+    run.resume()
+    run.compress_layers(batches, statistics)
+    run.finish()
+    return CompressionResult(model, recipe, run.reports, run.timings, calibration, storage_dtype, run.refinements,
+                             run.start)
 
 
 def _first_dtype(layer_targets) -> torch.dtype:

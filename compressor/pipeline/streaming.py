@@ -36,13 +36,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compressor import api
 from compressor.errors import UserError
-from compressor.io.checkpoint import CONFIG_NAME, INDEX_NAME, atomic_output_dir, check_destination, publish, write_checkpoint
+from compressor.io.checkpoint import (CONFIG_NAME, INDEX_NAME, atomic_output_dir, check_destination, publish,
+                                      write_checkpoint)
+from compressor.io.load import check_finite, checkpoint_dtype, resolve_dtype
+from compressor.pipeline.compression import compress_model
 from compressor.pipeline.journal import fault
-from compressor.recipe import load_recipe
-from compressor.report.summary import count_parameters, state_bytes
+from compressor.pipeline.result import calibration_data
 from compressor.pipeline.targets import find_decoder_layers, layers_detached
+from compressor.recipe import as_recipe
+from compressor.report.summary import count_parameters, state_bytes
 
 
 class CheckpointFiles:
@@ -92,7 +95,7 @@ def _materialize(module: nn.Module, prefix: str, files: CheckpointFiles, dtype: 
 
     wanted = [name for name, t in module.state_dict(keep_vars=True).items() if t.is_meta and name not in skip]
     tensors = files.read([prefix + name for name in wanted])
-    api.check_finite(tensors.items(), str(files.folder))
+    check_finite(tensors.items(), str(files.folder))
     for name in wanted:
         value = tensors[prefix + name]
         set_module_tensor_to_device(module, name, "cpu", value=value, dtype=dtype if value.is_floating_point() else None)
@@ -203,8 +206,8 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise UserError(f"{name_or_path} is already quantized/compressed; --low-memory needs a dense checkpoint")
-    storage = api.checkpoint_dtype(config)
-    compute = api.resolve_dtype(dtype, device, storage)
+    storage = checkpoint_dtype(config)
+    compute = resolve_dtype(dtype, device, storage)
     files = CheckpointFiles(folder)
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=compute, trust_remote_code=trust_remote_code)
@@ -222,31 +225,34 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
 def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None, batches=None, device="cpu",
                        dtype="auto", overwrite=False, trust_remote_code=False, progress=None, report_fn=None,
                        skeleton=None, calibration_info=None, journal=None):
-    """Compress `model_name` (local dir or hub id) to `out` holding one decoder layer at a time.
+    """Compress `model_name` (local dir or hub id) to `out` holding one decoder layer at a time: the Python API of
+    `--low-memory` (the CLI's run is compressor/pipeline/run.py). `recipe`: a Recipe, a built-in name or a path.
 
     `report_fn(result, model, storage_dtype, (params, bytes) before) -> (report dict, report_md, extra files)`,
-    report_md the markdown or a function of the report giving it
-    adds the report to the output (compressor.pipeline.workflow builds it); `skeleton`: a `load_skeleton` result already
-    in hand. `journal` (compressor/pipeline/journal.py): its folder is where the output is written (the shards finished
-    before an interruption are kept there), and the run resumes from it. Returns (CompressionResult, output path)."""
+    report_md the markdown or a function of the report giving it, adds the report to the output; `skeleton`: a
+    `load_skeleton` result already in hand. `journal` (compressor/pipeline/journal.py): its folder is where the
+    output is written (the shards finished before an interruption are kept there), and the run resumes from it.
+    Returns (CompressionResult, output path)."""
     out = Path(out)
     check_destination(out, overwrite)
-    recipe = recipe if not isinstance(recipe, str) else load_recipe(recipe, overrides)
+    recipe = as_recipe(recipe, overrides)
     t0 = time.perf_counter()
     model, tok, files, storage, path, n_layers = skeleton or load_skeleton(
         model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - t0
     before = (count_parameters(model), state_bytes(model, storage))
     if batches is None:
-        batches, calibration_info = api.calibration_data(tok, recipe, calib)
+        batches, calibration_info = calibration_data(tok, recipe, calib)
+
     def write_into(tmp: Path):
         compute = next(model.get_input_embeddings().parameters()).dtype
         lazy = LazyLayers(model, files, path, n_layers, compute, storage, tmp)
-        result = api.compress(model, recipe, batches=batches, device=device, storage_dtype=storage,
-                              progress=progress, layer_io=lazy, journal=journal)
+        result = compress_model(model, recipe, batches=batches, device=device, storage_dtype=storage,
+                                progress=progress, layer_io=lazy, journal=journal)
         result.timings["load"] = load_seconds + lazy.seconds["load"]
         result.calibration = calibration_info or {}
-        _finish(model, result, lazy, tmp, tok, storage, report_fn and (lambda r, m: report_fn(r, m, storage, before)))
+        finish_streamed(model, result, lazy, tmp, tok, storage,
+                        report_fn and (lambda r: report_fn(r, model, storage, before)))
         return result
 
     if journal is None:
@@ -260,7 +266,9 @@ def compress_streaming(model_name: str, recipe, out, *, overrides=(), calib=None
     return result, out
 
 
-def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, report_fn) -> None:
+def finish_streamed(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, report_fn=None) -> dict | None:
+    """Write what lies outside the decoder layers (the last shard), then the index, config, tokenizer and, with
+    `report_fn(result) -> (report, report_md, extra files)`, the report; returns the report."""
     start = time.perf_counter()
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # not stored (as save_pretrained): loading re-ties
     # Outside the layers nothing changed: copy from the checkpoint (d -> storage equals d -> fp32 -> storage).
@@ -270,11 +278,13 @@ def _finish(model, result, lazy: LazyLayers, tmp: Path, tokenizer, storage, repo
     fault("final-write")
     model.config.dtype = storage
     extra = {"recipe.yaml": result.recipe.to_yaml()}
+    report = None
     if report_fn is not None:
         result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
-        report, report_md, files = report_fn(result, model)
+        report, report_md, files = report_fn(result)
         markdown = (lambda: report_md(report)) if callable(report_md) else report_md
         extra.update({"report.json": json.dumps(report, indent=2), "report.md": markdown, **files})
     write_checkpoint(tmp, model, modules=result.specs(), method=result.recipe.method, recipe_name=result.recipe.name,
                      tokenizer=tokenizer, extra_files=extra, written=lazy.weight_map)
     result.timings["save"] = lazy.seconds["save"] + time.perf_counter() - start
+    return report

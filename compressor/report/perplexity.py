@@ -9,11 +9,13 @@ wrongly, and float32 sums drift over millions of tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from compressor.data import eval_windows, load_texts
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class PerplexityResult:
     tokens: int  # scored predictions: windows * (seqlen - 1)
     windows: int
     seqlen: int
-    data: str = ""  # what text was scored (filled in by api.evaluate)
+    data: str = ""  # what text was scored (filled in by evaluate)
 
 
 def perplexity(
@@ -73,3 +75,14 @@ def perplexity(
     tokens = nwindows * (seqlen - 1)
     mean_nll = total_nll.item() / tokens
     return PerplexityResult(ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=nwindows, seqlen=seqlen)
+
+
+def evaluate(model, tokenizer, data: str | None = None, *, seqlen: int = 2048, batch_size: int = 4,
+             device=None, max_windows: int | None = None, progress=None) -> PerplexityResult:
+    """Perplexity on `data` (file/folder/hub dataset; default the bundled test split), papers' protocol."""
+    texts, description = load_texts(data, split_default="test")
+    windows = eval_windows(tokenizer, texts, seqlen)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    result = perplexity(model, windows, batch_size=batch_size, device=device, progress=progress)
+    return replace(result, data=description)
