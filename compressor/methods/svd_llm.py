@@ -10,7 +10,7 @@ the dense model saw X. Two options change the target, not the solver. Over rank-
     (1 − β)‖(W − Ŵ)X̂‖² + β‖W X − Ŵ X̂‖² + λ‖W − Ŵ‖²_F,    λ = δ·tr(Ĝ)/n  (n input features).
 
 `beta` (β ∈ [0, 1]) shrinks towards fitting the dense outputs W X ("error-aware": the layer also undoes, as far
-as a rank-r map can, the error its inputs already carry); β = 1 alone destroyed SmolLM2 (ppl 80 → 1377, docs/benchmarks.md).
+as a rank-r map can, the error its inputs already carry); β = 1 alone destroyed SmolLM2 (ppl 80 → 1377, docs/methods.md).
 `ridge` (δ ≥ 0) keeps Ŵ near W in directions X̂ hardly visits. With Ĝ = X̂ X̂ᵀ, C = X X̂ᵀ (the "cross" statistic)
 and C_β = Ĝ + β(C − Ĝ), the objective expands to tr(Ŵ(Ĝ + λI)Ŵᵀ) − 2 tr(W(C_β + λI)Ŵᵀ) + const
 = ‖Ŵ S − W(C_β + λI)S⁻ᵀ‖² + const with S Sᵀ = Ĝ + λI: the truncated SVD of M = W(C_β + λI)S⁻ᵀ, then A = A′S⁻¹,
