@@ -205,6 +205,11 @@ class SharedInputA:
     def nbytes(self) -> int:
         return self._weight.numel() * self._weight.element_size() if self._weight is not None else 0
 
+    def release(self) -> None:
+        """Drop the concatenated A and any projections waiting for a sibling (a member moved or was cast)."""
+        self._weight, self._key = None, None
+        self._x, self._parts, self._left = None, None, set()
+
     def _concatenated(self, x) -> torch.Tensor:
         key = (x.dtype, *((m.A.weight._version, m.A.weight.data_ptr()) for m in self.members))
         if key != self._key:  # (Σ rank, in) with its transpose contiguous, as LowRankLinear.prepare keeps A

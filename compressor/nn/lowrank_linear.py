@@ -32,6 +32,14 @@ class LowRankLinear(nn.Module):
         kernels.transpose_in_memory(self.A, self.B)
         return "transposed"
 
+    def _apply(self, fn, recurse=True):
+        # The fused A (fuse_siblings) is a copy on the old device and dtype: a move or cast drops it (for every
+        # sibling), the next forward concatenates again. The transposed strides (prepare) are the parameters'
+        # own, no copy: .to() keeps them.
+        if self._shared is not None:
+            self._shared.release()
+        return super()._apply(fn, recurse)
+
     def forward(self, x):
         shared = self._shared
         if shared is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.A.weight.requires_grad)):
@@ -168,6 +176,13 @@ class LowRankSparseLinear(nn.Module):
                 tensor = self.dense_weight().to(like.dtype).T.contiguous().T
         self._fast = (self._weights_key(like), path, tensor)  # after the transposition moved A and B
         return path
+
+    def _apply(self, fn, recurse=True):
+        # The CSR S or merged W is a copy on the old device: kept, a layer sent to the meta device (--low-memory)
+        # or back to the offload device would still hold it. Dropped on every move or cast; the next forward
+        # builds it again where the weights now are.
+        self._fast = None
+        return super()._apply(fn, recurse)
 
     def kernel_bytes(self) -> int:
         """Bytes of the inference copy (CSR S or merged W) held next to the stored tensors."""

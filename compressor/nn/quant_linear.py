@@ -42,12 +42,13 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not touch the fp16 scales (part of the packed format): a round trip through
         # bf16 would round them. Keep the originals and follow only the device change.
-        scales, device = self.scales, self.qweight.device
+        scales = self.scales
+        # The kernel layout is a copy on the old device: kept, a layer sent to the meta device (--low-memory) would
+        # still hold it. Dropped on every move or cast; the next forward converts again where the codes now are.
+        self._packed, self._fallback = None, False
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float16:
             self.scales = scales.to(self.scales.device)
-        if self.qweight.device != device:  # the kernels' layouts differ per device: converted again on next forward
-            self._packed, self._fallback = None, False
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
