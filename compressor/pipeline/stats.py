@@ -61,6 +61,13 @@ class Stats:
         self._whitening.clear()
 
 
+def _add_blocked(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """total += leftᵀ right, GRAM_COLUMNS columns at a time: the fp32 product and its fp64 copy stay
+    n × GRAM_COLUMNS (117 MB at n = 28672) instead of n × n (3.3 GB for a 70B down_proj)."""
+    for j in range(0, right.shape[-1], GRAM_COLUMNS):
+        total[:, j : j + GRAM_COLUMNS].add_(left.T @ right[:, j : j + GRAM_COLUMNS])
+
+
 @dataclass
 class StatsCollector:
     modules: dict[str, nn.Module]
@@ -111,8 +118,7 @@ class StatsCollector:
                 s.gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
             for chunk in x.split(GRAM_CHUNK):
                 c = chunk.float()
-                for j in range(0, n, GRAM_COLUMNS):  # column blocks bound the fp32 product and its fp64 copy
-                    s.gram[:, j : j + GRAM_COLUMNS].add_(c.T @ c[:, j : j + GRAM_COLUMNS])
+                _add_blocked(s.gram, c, c)
         if "cross" in self.needs:
             self._accumulate_cross(s, name, x)
         if "abs_mean" in self.needs:
@@ -129,7 +135,7 @@ class StatsCollector:
         if s.cross is None:
             s.cross = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
         for r, c in zip(ref.split(GRAM_CHUNK), x.split(GRAM_CHUNK)):
-            s.cross.add_(r.float().T @ c.float())
+            _add_blocked(s.cross, r.float(), c.float())
 
     def _kept(self, x: torch.Tensor) -> torch.Tensor:
         if not self.skip_first:
