@@ -324,3 +324,79 @@ def _logits_then_reload(model, result, tmp_path):
     with torch.no_grad():
         before = model(ids).logits
     return ids, before, api.load_compressed(result.save(tmp_path / "out"))
+
+
+# Torch builds without a kernel's ops (pyproject allows torch builds older than the CPU int4 ops, ~2.6) or a GPU
+# that cannot run them (CUDA int4 needs sm80+): loading still works, on the exact dequantise path, warned once.
+
+CPU_INT4_OPS = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+
+
+class _AtenWithout:
+    """torch.ops.aten as a torch build without the ops `names` shows it: looking one up raises AttributeError."""
+
+    def __init__(self, aten, names):
+        self._aten, self._names = aten, names
+
+    def __getattr__(self, name):
+        if name in self._names:
+            raise AttributeError(f"'_OpNamespace' 'aten' object has no attribute '{name}'")
+        return getattr(self._aten, name)
+
+
+def _without_ops(monkeypatch, names):
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+
+    def has_kernel(op, key):  # what torch does for an operator it does not know
+        if op.removeprefix("aten::") in names:
+            raise RuntimeError(f"operator {op} does not exist")
+        return real(op, key)
+
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", has_kernel)
+    monkeypatch.setattr(torch.ops, "aten", _AtenWithout(torch.ops.aten, names))
+
+
+def test_a_torch_without_the_cpu_int4_ops_loads_a_4bit_checkpoint_on_the_dequantise_path(
+        tiny_model, calib_ids, tmp_path, monkeypatch):
+    from compressor import api
+
+    result = api.compress(tiny_model("llama"), "rtn-4bit", batches=calib_ids(2, 16))
+    out = result.save(tmp_path / "out")
+    reference = api.load_compressed(out)
+    prepare_inference(reference, use_kernels=False)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    _without_ops(monkeypatch, CPU_INT4_OPS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        loaded = api.load_compressed(out)
+        with torch.no_grad():
+            logits, again = loaded(ids).logits, loaded(ids).logits
+    quant_modules = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(quant_modules) == 14 and all(m.prepare() == "dequantize" for m in quant_modules)
+    with torch.no_grad():
+        assert torch.equal(logits, reference(ids).logits) and torch.equal(again, logits)
+    fallbacks = [str(w.message) for w in caught if "_weight_int4pack_mm_for_cpu" in str(w.message)]
+    assert len(fallbacks) == 1 and "\n" not in fallbacks[0], fallbacks
+
+
+def test_a_torch_without_the_int8_op_takes_the_dequantise_path(monkeypatch):
+    module = module_from_factors(_quantized(32, 256, 8, 256), torch.randn(32), torch.float32).eval()
+    x = torch.randn(3, 256)
+    _without_ops(monkeypatch, ("_weight_int8pack_mm",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        with torch.no_grad():
+            y = module(x)
+            assert torch.equal(module(x), y)
+    assert module.prepare() == "dequantize"
+    assert torch.equal(y, module.dequantized_forward(x))
+    assert len([w for w in caught if "_weight_int8pack_mm" in str(w.message)]) == 1
+
+
+def test_cuda_int4_needs_compute_capability_8(monkeypatch):
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    reason = kernels.fallback_reason(4, 128, 512, 64, "cuda")
+    assert reason is not None and "8.0" in reason and "7.5" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert kernels.fallback_reason(4, 128, 512, 64, "cuda") is None

@@ -16,8 +16,8 @@ only — fp32 and fp16 inputs take a scalar loop 30–100× slower than a dense 
 therefore cast to bf16 for the kernel and the output cast back (relative rounding 2⁻⁹ per activation, far inside a
 4-bit weight's error; tests/test_kernels.py bounds it). The CUDA kernel takes bf16 as well.
 
-Everything else (3-, 5-, 6-, 7-bit, 2-bit, grouped 8-bit, shapes a kernel refuses) has no kernel: the caller keeps its
-dequantise-per-forward path and `fallback_reason` says why.
+Everything else (3-, 5-, 6-, 7-bit, 2-bit, grouped 8-bit, shapes a kernel refuses, a torch build without the op,
+CUDA int4 below sm80) has no kernel: the caller keeps its dequantise-per-forward path and `fallback_reason` says why.
 """
 
 from __future__ import annotations
@@ -53,14 +53,38 @@ def _int4_group(group_size: int, in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if group_size % g == 0 and in_features % g == 0), None)
 
 
+# The aten ops each path calls (matmul, and the layout conversion `pack` calls). Private ops: older torch builds lack
+# some (the CPU int4 pair arrived in about 2.6), so each is probed before use, never assumed.
+OPS = {("int4", "cpu"): ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
+       ("int4", "cuda"): ("_weight_int4pack_mm", "_convert_weight_to_int4pack"),
+       ("int8", "cpu"): ("_weight_int8pack_mm",), ("int8", "cuda"): ("_weight_int8pack_mm",)}
+CUDA_INT4_CAPABILITY = (8, 0)  # tinygemm's bf16 tensor-core tiles: Ampere (sm80) and newer
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether this torch build has aten.`op` with a kernel for `device_type` ("cpu"/"cuda"); an op the build does
+    not know at all (the lookup raises) counts as absent."""
+    try:
+        getattr(torch.ops.aten, op)
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device_type.upper()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def fallback_reason(bits: int, group_size: int, in_features: int, out_features: int, device) -> str | None:
     """Why torch has no packed kernel for this layout on `device` (None: it has one)."""
-    cuda = torch.device(device).type == "cuda"
-    if torch.device(device).type not in ("cpu", "cuda"):
-        return f"no packed kernel on {torch.device(device).type}"
-    op = {4: "_weight_int4pack_mm" if cuda else "_weight_int4pack_mm_for_cpu", 8: "_weight_int8pack_mm"}.get(bits)
-    if op and not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", "CUDA" if cuda else "CPU"):
-        return f"this torch build has no {'CUDA' if cuda else 'CPU'} kernel for aten.{op}"
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if device.type not in ("cpu", "cuda"):
+        return f"no packed kernel on {device.type}"
+    for op in OPS.get((f"int{bits}", device.type), ()):
+        if not has_kernel(op, device.type):
+            return f"this torch build ({torch.__version__}) has no {device.type.upper()} kernel for aten.{op}"
+    if bits == 4 and cuda:
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if capability < CUDA_INT4_CAPABILITY:
+            return (f"the CUDA int4 kernel needs compute capability {'.'.join(map(str, CUDA_INT4_CAPABILITY))}+, "
+                    f"this GPU has {'.'.join(map(str, capability))}")
     if bits == 4:
         if _int4_group(group_size, in_features) is None:
             return (f"int4 kernels need a group of 32/64/128/256 columns dividing in_features; group_size "
