@@ -2,8 +2,8 @@
 
     1. targets     which linears the recipe touches; a fixed rank checked against their shapes
     2. fisher      the dense model's Fisher diagonal, when the method or the rank allocation needs it
-    3. allocate    ranks under the recipe's global budget (`allocation: energy | global`): from statistics kept for
-                   the decompositions, or a planning pass that keeps only spectra (compressor/pipeline/planning.py)
+    3. allocate    ranks under the recipe's global budget (`allocation: energy | global`): from the caller's
+                   statistics, or a planning pass that keeps only spectra (compressor/pipeline/planning.py)
     4. resume      the layers an interrupted run finished, from its journal (compressor/pipeline/journal.py)
     5. compress    layer by layer: the runner (compressor/pipeline/sequential.py) calibrates each decoder layer, calls back
                    `on_layer` (decompose + swap), `refine` (block refinement) and `layer_done` (journal), or, with
@@ -133,8 +133,8 @@ class Compression:
 
     # 3. ------------------------------------------------------------------------------------------------------------
     def allocate(self, batches, statistics):
-        """Ranks for `allocation: energy | global`; returns the statistics the decompositions will use (kept from
-        this pass when they equal the dense model's), or the caller's."""
+        """Ranks for `allocation: energy | global`; returns the statistics the decompositions will use: the
+        caller's, or None (each layer's are computed in the layer pass: never more than one layer's held)."""
         recipe = self.recipe
         if recipe.allocation == "uniform":
             return statistics
@@ -148,11 +148,9 @@ class Compression:
             loss_fisher = self._fisher(batches)
             self.timings["fisher"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-        if statistics is None and dense_statistics_suffice(recipe) and self.layer_io is None:
-            # The decompositions use exactly these statistics: keep them, and skip the second calibration pass.
-            statistics = collect_statistics(self.model, batches, [recipe], device=self.device,
-                                            batch_size=self.batch_size, fisher=self.fisher,
-                                            layer_targets=self.layer_targets)
+        # Without the caller's statistics, a planning pass keeps only spectra, even when the decompositions will
+        # use the same dense statistics: keeping them would hold every layer's fp64 Grams at once (~44 GB at
+        # 7B), so the layer pass computes each layer's again (one more calibration pass, one layer held).
         if statistics is not None:
             self.allocated = allocate_ranks(recipe, self.method, options, self.layer_targets, statistics,
                                             fisher=loss_fisher)

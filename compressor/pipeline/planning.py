@@ -4,8 +4,9 @@ and frees every layer's statistics as it goes. For a 7B model that is a few MB i
 Grams that keeping every layer's statistics would hold, and with `layer_io` (--low-memory) it reads each decoder
 layer from disk and sends it back, so allocation works with one layer in memory.
 
-When the recipe's decompositions use exactly the dense model's statistics (compressor.pipeline.compression.dense_statistics_suffice)
-and the model is in memory, the pipeline keeps the statistics instead and skips its second pass.
+Even when the recipe's decompositions use exactly the dense model's statistics
+(compressor.pipeline.compression.dense_statistics_suffice), the layer pass computes each layer's statistics again
+rather than keeping them from here: one more calibration pass for a bound of one layer's statistics in memory.
 """
 
 from __future__ import annotations
