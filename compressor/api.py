@@ -21,10 +21,11 @@ from torch import nn
 from compressor.data import load_texts
 from compressor.errors import UserError
 from compressor.io.load import LoadedModel, check_finite, checkpoint_dtype, load_model, resolve_dtype  # noqa: F401
+from compressor.io.lock import output_lock
 from compressor.io.preflight import check_model_source, check_output
 from compressor.pipeline.compression import REPORT_STATS, CalibrationStatistics, compress_model  # noqa: F401
 from compressor.pipeline.compression import collect_statistics as _collect_statistics
-from compressor.pipeline.journal import refuse_leftover
+from compressor.pipeline.journal import journal_bytes, refuse_leftover
 from compressor.pipeline.result import CompressionResult, calibration_data  # noqa: F401
 from compressor.pipeline.run import CompressJob, run
 from compressor.recipe import Recipe, as_recipe, parse_target_size
@@ -112,21 +113,24 @@ def compress_checkpoint(
             target_bytes = value
     out = Path(out)
     source_bytes = check_model_source(model_name)  # a typo'd path: one line now, not hub retries
-    check_output(out, overwrite=overwrite, expected_bytes=source_bytes, source=model_name)  # not after the run
-    refuse_leftover(out, resume)
     parsed = as_recipe("auto" if recipe is None else recipe, tuple(overrides))
-    calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
-    if evaluate_ppl:
-        if low_memory:
-            raise UserError("--eval needs the whole model in memory; with --low-memory, run `lrc eval OUT` on a "
-                            "machine that holds it")
-        load_texts(eval_data, split_default="test")
-    return run(CompressJob(
-        source=model_name, recipe=parsed, out=out, calib_texts=calib_texts, overrides=tuple(overrides),
-        target_bytes=target_bytes, evaluate=evaluate_ppl, eval_data=eval_data, eval_seqlen=eval_seqlen,
-        eval_max_windows=eval_max_windows, device=device, dtype=dtype, overwrite=overwrite,
-        trust_remote_code=trust_remote_code, show_progress=show_progress, with_plots=with_plots,
-        low_memory=low_memory, resume=resume))
+    check_output(out, overwrite=overwrite, expected_bytes=source_bytes, source=model_name,  # not after the run
+                 journal_bytes=journal_bytes(model_name, source_bytes, parsed, low_memory=low_memory, device=device,
+                                             dtype=dtype))
+    with output_lock(out):  # one run per output, until it is published
+        refuse_leftover(out, resume)
+        calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
+        if evaluate_ppl:
+            if low_memory:
+                raise UserError("--eval needs the whole model in memory; with --low-memory, run `lrc eval OUT` on a "
+                                "machine that holds it")
+            load_texts(eval_data, split_default="test")
+        return run(CompressJob(
+            source=model_name, recipe=parsed, out=out, calib_texts=calib_texts, overrides=tuple(overrides),
+            target_bytes=target_bytes, evaluate=evaluate_ppl, eval_data=eval_data, eval_seqlen=eval_seqlen,
+            eval_max_windows=eval_max_windows, device=device, dtype=dtype, overwrite=overwrite,
+            trust_remote_code=trust_remote_code, show_progress=show_progress, with_plots=with_plots,
+            low_memory=low_memory, resume=resume))
 
 
 def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):

@@ -9,7 +9,8 @@ compression.
   `org/name` id goes to the hub, and that is asked once (no retries) so a typo or a missing network is one line;
 - the output: the rules of the writer (compressor.io: must not exist, `--overwrite` replaces only a checkpoint),
   a real attempt to create and remove the writer's hidden temporary directory next to it, and the free space there
-  against the expected size of what will be written.
+  against the expected size of what will be written: the output, plus for `compress` its resume journal (the
+  finished layers and the activations, compressor/pipeline/journal.py `journal_bytes`), which sits beside it.
 """
 
 from __future__ import annotations
@@ -134,10 +135,11 @@ def export_bytes(src, *, dense: bool) -> int:
 # --------------------------------------------------------------------------------------------- the output directory
 
 def check_output(out, *, overwrite: bool, expected_bytes: int | None = None, destination_rules: bool = True,
-                 source=None) -> None:
+                 source=None, journal_bytes: int = 0) -> None:
     """Everything about `out` that can fail after the work, checked before it. `destination_rules`: also apply the
     writer's exists/`--overwrite` rules (off for callers with their own, like the adapter export). `source`: the
-    checkpoint being read, which `--overwrite` must never replace."""
+    checkpoint being read, which `--overwrite` must never replace. `journal_bytes`: what a `compress` run's resume
+    journal holds beside the output at its peak (compressor/pipeline/journal.py), reserved on top of it."""
     out = Path(out)
     source = Path(source).expanduser() if source is not None else None
     if source is not None and source.exists() and source.resolve() == out.resolve():
@@ -149,12 +151,13 @@ def check_output(out, *, overwrite: bool, expected_bytes: int | None = None, des
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.preflight-"))
     except OSError as exc:
         raise UserError(f"cannot write the output {out}: {parent} is not writable ({exc.strerror or exc})") from None
-    if expected_bytes:
+    if expected_bytes or journal_bytes:
         free = shutil.disk_usage(parent).free
-        needed = int(expected_bytes * _SPACE_MARGIN)
+        needed = int(((expected_bytes or 0) + journal_bytes) * _SPACE_MARGIN)
+        what = f" (the output, and {_gib(journal_bytes)} of resume journal beside it)" if journal_bytes else ""
         if free < needed:
-            raise UserError(f"not enough disk space for {out}: about {_gib(needed)} needed, {_gib(free)} free on "
-                            f"{parent}")
+            raise UserError(f"not enough disk space for {out}: about {_gib(needed)} needed{what}, {_gib(free)} free "
+                            f"on {parent}")
 
 
 def _existing_ancestor(folder: Path) -> Path:

@@ -84,7 +84,8 @@ def run(job: CompressJob) -> dict:
     batches, calib_info = calibration_data(tok, recipe, loaded_texts=job.calib_texts)
     timings["calibration_data"] = time.perf_counter() - t0
     journal = Journal.open(job.out, run_identity(recipe, job.source, batches, device=job.device, dtype=job.dtype,
-                                                 low_memory=job.low_memory), resume=job.resume)
+                                                 low_memory=job.low_memory), resume=job.resume,
+                           storage_dtype=storage, layers=len(find_decoder_layers(model)[1]))
 
     def report_for(result):
         """The report and its files, from the compressed model (one builder for both paths)."""
