@@ -222,8 +222,13 @@ class Compression:
     def _decompose(self, index, groups, stats) -> None:
         t0 = time.perf_counter()
         if self.layer_targets[index]:
-            self.reports.extend(compress_layer(self.model, self.layer_targets[index], groups, stats, self.method,
-                                               self.options, self.allocated, storage_dtype=self.storage_dtype))
+            reports = compress_layer(self.model, self.layer_targets[index], groups, stats, self.method, self.options,
+                                     self.allocated, storage_dtype=self.storage_dtype)
+            self.reports.extend(reports)
+            if self.storage_dtype is not None:  # later layers are calibrated on what the checkpoint will hold
+                for report in reports:
+                    if report.compressed:
+                        _round_through(self.model.get_submodule(report.name), self.storage_dtype)
         self.timings["decomposition"] = self.timings.get("decomposition", 0.0) + time.perf_counter() - t0
 
     def refine(self, index, layer, calls, targets, device, offload):
@@ -233,7 +238,8 @@ class Compression:
         r = self.recipe.refine
         report, outs = refine_block(layer, modules, calls, targets, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
                                     seed=r.seed, skip_first=self.recipe.calibration.skip_first, device=device,
-                                    offload=offload, index=index, relative_lr=r.relative_lr)
+                                    offload=offload, index=index, relative_lr=r.relative_lr,
+                                    storage_dtype=self.storage_dtype)
         self.refinements.append(report)
         self.timings["refinement"] = self.timings.get("refinement", 0.0) + time.perf_counter() - t0
         return outs

@@ -12,7 +12,10 @@ Only parameters a compressed module declares refinable (low-rank factors, sparse
 the rest of the layer (norms, the targets left dense, quantised weights) is frozen. Adam, a fixed number of
 epochs over the calibration windows in a seeded order: deterministic on a given device. The first
 `skip_first` positions of every window (attention sinks, whose hidden states are orders of magnitude larger)
-are left out of the loss. The layer trains in fp32 (a half-precision layer is cast up for the duration).
+are left out of the loss. The layer trains in fp32 (a half-precision layer is cast up for the duration), but is
+judged, and hands on its outputs, as the checkpoint will hold it: back in its own dtype, the refined parameters
+rounded through the storage dtype, its outputs computed by that layer's own forward (the one the runner's
+propagation makes), so the next layer is calibrated on exactly what the saved layer produces.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.pipeline.sequential import hidden_of, layer_output, move
+from compressor.pipeline.sequential import exact_paths, hidden_of, layer_output, move, run_layer
 
 
 @dataclass
@@ -84,14 +87,23 @@ def refinable_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, targets: list[torch.Tensor], *,
                  epochs: int, lr: float, batch_size: int, seed: int, skip_first: int, device, offload,
-                 index: int = 0, relative_lr: bool = False) -> tuple[RefineReport, list[torch.Tensor]]:
+                 index: int = 0, relative_lr: bool = False, storage_dtype: torch.dtype | None = None
+                 ) -> tuple[RefineReport, list[torch.Tensor]]:
     """Refine `modules` (inside `layer`) so `layer(call) ≈ target` for each recorded call; return the report and
-    the refined layer's outputs for every call (on `offload`), which are the next layer's inputs."""
+    the refined layer's outputs for every call (on `offload`), which are the next layer's inputs.
+    `storage_dtype`: the checkpoint's dtype (default: the layer's own), which the refined parameters are rounded
+    through before the layer is judged and its outputs handed on."""
     start = time.perf_counter()
     params = refinable_parameters(modules)
     dtype = next(layer.parameters()).dtype
-    if dtype != torch.float32:
-        layer.float()
+    with exact_paths(layer):
+        return _refine(layer, params, dtype, storage_dtype or dtype, calls, targets, start, epochs=epochs, lr=lr,
+                       batch_size=batch_size, seed=seed, skip_first=skip_first, device=device, offload=offload,
+                       index=index, relative_lr=relative_lr)
+
+
+def _refine(layer, params, dtype, storage_dtype, calls, targets, start, *, epochs, lr, batch_size, seed,
+            skip_first, device, offload, index, relative_lr):
     norm = sum(float(t[:, skip_first:].double().pow(2).sum()) if t.dim() >= 3 else float(t.double().pow(2).sum())
                for t in targets)
     norm = max(norm, 1e-300)
@@ -101,18 +113,27 @@ def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, target
         return layer_output(layer(*args, **kwargs))
 
     @torch.no_grad()
-    def evaluate(keep_outputs: bool):
+    def saved() -> None:  # the layer as the checkpoint holds it
+        layer.to(dtype)
+        for p in params:
+            p.copy_(p.to(storage_dtype))
+
+    @torch.no_grad()
+    def evaluate(keep_outputs: bool):  # the saved layer's error and outputs (on `offload`): what propagation hands on
         total, outs = 0.0, []
         for call, target in zip(calls, targets):
-            y = run(call)
-            total += float(_sq_error(y, target.to(device, torch.float32), skip_first))
+            y = hidden_of(run_layer(layer, [call], device, offload)[0])
+            total += float(_sq_error(y.to(device, torch.float32), target.to(device, torch.float32), skip_first))
             if keep_outputs:
-                outs.append(y.to(device=offload, dtype=dtype))
+                outs.append(y)
         return total / norm, outs
 
+    saved()
     before, outs = evaluate(keep_outputs=epochs == 0 or not params)
     steps, reverted = 0, False
     if epochs > 0 and params:
+        if dtype != torch.float32:
+            layer.float()
         flags = {p: p.requires_grad for p in layer.parameters()}
         for p in layer.parameters():
             p.requires_grad_(False)
@@ -138,6 +159,7 @@ def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, target
         for p, flag in flags.items():
             p.requires_grad_(flag)
         del optimizer
+        saved()
         after, outs = evaluate(keep_outputs=True)
         if not after <= before:  # a step size too large for this layer: never hand on a worse layer
             with torch.no_grad():
@@ -147,8 +169,6 @@ def refine_block(layer: nn.Module, modules: list[nn.Module], calls: list, target
             reverted = True
     else:
         after = before
-    if dtype != torch.float32:
-        layer.to(dtype)
     report = RefineReport(index, before, after, time.perf_counter() - start, steps, sum(p.numel() for p in params),
                           reverted)
     return report, outs

@@ -143,13 +143,29 @@ def capture_layer_inputs(model, layers: nn.ModuleList, batches: torch.Tensor, *,
     return capture_layer_calls(model, layers, batches, device=device, offload=offload, batch_size=batch_size).first()
 
 
-def _run_layer(layer, calls, device, offload) -> list:
+def run_layer(layer, calls, device, offload) -> list:
     """Run `layer` on each recorded call; return the calls for the next layer (same kwargs, new hidden states)."""
     outs = []
-    for args, kwargs in calls:
-        out = move(layer_output(layer(*move(args, device), **move(kwargs, device))), offload)
-        outs.append(with_hidden((args, kwargs), out))
+    with exact_paths(layer):
+        for args, kwargs in calls:
+            out = move(layer_output(layer(*move(args, device), **move(kwargs, device))), offload)
+            outs.append(with_hidden((args, kwargs), out))
     return outs
+
+
+@contextmanager
+def exact_paths(layer: nn.Module):
+    """Inside the block the compressed modules of `layer` take their exact reference paths (dequantise, densify
+    S), not the packed kernels or inference copies: what later layers are calibrated on must not depend on the
+    machine's kernels, and compression builds no inference copy. Each module's choice is restored on exit."""
+    switched = [m for m in layer.modules() if getattr(m, "use_kernel", False)]
+    for module in switched:
+        module.use_kernel = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.use_kernel = True
 
 
 class LayerSource:
@@ -277,10 +293,11 @@ def run_sequential(
         refined = None
         if refine is not None and targets:
             wanted = dense_outs if refine_target == "dense" and dense_calls is not None else outs
-            outputs = refine(index, layer, calls, [hidden_of(c) for c in wanted], device, offload)
+            with exact_paths(layer):
+                outputs = refine(index, layer, calls, [hidden_of(c) for c in wanted], device, offload)
             refined = [with_hidden(call, y) for call, y in zip(calls, outputs)]
         if propagate == "compressed" and targets:
-            outs = refined if refined is not None else _run_layer(layer, calls, device, offload)
+            outs = refined if refined is not None else run_layer(layer, calls, device, offload)
         calls = arguments.onto(index + 1, outs)
         if dense_calls is not None:
             dense_calls = arguments.onto(index + 1, dense_outs)
@@ -309,12 +326,12 @@ def _calibrate(layer, calls, dense_calls, collector: StatsCollector, targets, de
             twin, twin_targets = dense_twin if dense_twin is not None else (layer, targets)
             collector.paused = True
             with _recorded_inputs(twin_targets) as reference:
-                dense_outs.extend(_run_layer(twin, [dense_calls[b]], device, offload))
+                dense_outs.extend(run_layer(twin, [dense_calls[b]], device, offload))
             collector.paused = False
             if "cross" not in collector.needs:
                 reference = None
         collector.start_batch(reference)
-        outs.extend(_run_layer(layer, [call], device, offload))
+        outs.extend(run_layer(layer, [call], device, offload))
         del reference
     return outs, dense_outs
 
