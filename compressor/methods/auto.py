@@ -45,7 +45,7 @@ from compressor.errors import UserError
 from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, truncated_svd
 from compressor.methods.factor_quant import quantize_lowrank
-from compressor.methods.gptq import GPTQOptions, gptq_quantize
+from compressor.methods.gptq import GPTQOptions, gptq_hessian, gptq_quantize
 from compressor.budget.rank import factor_bytes, packed_bytes, rank_for_size
 from compressor.registry import register
 
@@ -119,9 +119,12 @@ class _Target:
 
     def base(self, bits: int):
         if bits not in self._bases:
-            self._bases[bits] = gptq_quantize(self.w, GPTQOptions(bits=bits, group_size=self._group(bits),
-                                                                      act_order=self.options.act_order),
-                                              self.stats)
+            options = GPTQOptions(bits=bits, group_size=self._group(bits), act_order=self.options.act_order)
+            # GPTQ's Hessian factor depends on the Gram alone: one per shared input (q/k/v), for every width.
+            key = ("gptq_hessian", options.damp, options.act_order, str(self.w.device))
+            hessian = self.stats.derived(key, lambda: gptq_hessian(self.stats.gram, options.damp, options.act_order,
+                                                                   self.w.device))
+            self._bases[bits] = gptq_quantize(self.w, options, self.stats, hessian)
         return self._bases[bits]
 
     def _group(self, bits: int) -> int:

@@ -56,30 +56,40 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     return U
 
 
-def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions):
-    """W: (rows, n). Returns codes (rows, n) int32 in original column order, scale (rows, g) fp32, zero (rows, g)."""
+def gptq_hessian(gram: torch.Tensor, damp: float, act_order: bool, device=None):
+    """What GPTQ derives from the Gram alone, the same for every bit width, group size and matrix quantised on it:
+    (dead inputs, column order, upper Cholesky factor of the damped H⁻¹ in that order, fp32). Callers that quantise
+    several matrices or widths on one Gram (auto's candidates) compute it once and pass it to gptq_codes."""
+    H = 2.0 * gram.to(device=device, dtype=torch.float64).clone()
+    H = 0.5 * (H + H.T)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    return dead, perm, _inverse_cholesky(H, damp).to(torch.float32)
+
+
+def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessian=None):
+    """W: (rows, n). Returns codes (rows, n) int32 in original column order, scale (rows, g) fp32, zero (rows, g).
+    `hessian`: gptq_hessian(gram, options.damp, options.act_order) when the caller has it already."""
     rows, n = W.shape
     bits, gs, sym = options.bits, options.group_size, options.symmetric
     qmax = 2**bits - 1
     W = W.detach().to(torch.float32).clone()
-    H = 2.0 * gram.to(device=W.device, dtype=torch.float64).clone()
-    H = 0.5 * (H + H.T)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    dead, perm, U = hessian or gptq_hessian(gram, options.damp, options.act_order, W.device)
     W[:, dead] = 0.0
 
     groups = quant.num_groups(n, gs)
     scale = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
     zero = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
     if options.act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         scale[:], zero[:] = quant.rtn_params(W, bits, gs, sym)  # static groups in original column order
-        W, H = W[:, perm], H[perm][:, perm]
-    else:
-        perm = torch.arange(n, device=W.device)
+        W = W[:, perm]
     group_of = (perm // gs).tolist()  # group (original order) of each processed column
 
-    U = _inverse_cholesky(H, options.damp).to(torch.float32)
     Q = torch.empty(rows, n, dtype=torch.int32, device=W.device)
     for i1 in range(0, n, options.block_size):
         i2 = min(i1 + options.block_size, n)
@@ -108,9 +118,9 @@ def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions):
     return codes, scale, zero
 
 
-def gptq_quantize(w: torch.Tensor, options: GPTQOptions, stats) -> Quantized:
-    """One (m, n) matrix -> packed GPTQ codes; also EoRA's `gptq` base."""
-    codes, scale, zero = gptq_codes(w, stats.gram, options)
+def gptq_quantize(w: torch.Tensor, options: GPTQOptions, stats, hessian=None) -> Quantized:
+    """One (m, n) matrix -> packed GPTQ codes; also EoRA's `gptq` base. `hessian`: see gptq_codes."""
+    codes, scale, zero = gptq_codes(w, stats.gram, options, hessian)
     return Quantized.from_codes(codes, scale, zero, options.bits, options.group_size)
 
 

@@ -37,7 +37,7 @@ class Stats:
     # compressed (the same token). When both streams are the same (dense propagation) it is the Gram itself.
     cross: torch.Tensor | None = None
 
-    _whitening: dict = field(default_factory=dict, repr=False, compare=False)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)  # whitenings, GPTQ Hessians
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -46,19 +46,26 @@ class Stats:
     def whitening(self, eig_floor: float = DEFAULT_EIG_FLOOR, method: str = "eigh", ridge: float = 0.0) -> Whitening:
         """Whitening of the Gram, computed once per shared input (q/k/v, gate/up ask for the same). `ridge` = δ
         whitens G + λI with λ = δ·tr(G)/n instead (the clamp or damping then acts on that)."""
-        key = (eig_floor, method, ridge)
-        if key not in self._whitening:
+        def compute():
             gram = self.gram
             if ridge:
                 n = gram.shape[-1]
                 eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
                 gram = gram + (ridge * gram.diagonal().sum() / n) * eye
-            self._whitening[key] = whitening(gram, eig_floor, method)
-        return self._whitening[key]
+            return whitening(gram, eig_floor, method)
+
+        return self.derived(("whitening", eig_floor, method, ridge), compute)
+
+    def derived(self, key, compute):
+        """`compute()` once per `key` for this input (a method's solve on the Gram alone, e.g. GPTQ's Hessian
+        factor: shared by q/k/v and by every candidate of `auto`), kept until release_derived."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def release_derived(self) -> None:
-        """Drop cached whitenings (n×n fp64 each) once the input's readers are decomposed."""
-        self._whitening.clear()
+        """Drop cached whitenings and other solves (n×n each) once the input's readers are decomposed."""
+        self._derived.clear()
 
 
 def _add_blocked(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:

@@ -1,0 +1,75 @@
+"""`auto` shares GPTQ's Hessian factor (the damped H⁻¹'s Cholesky, an n³ solve on the Gram alone) across its five
+bit widths and across the targets that read the same input (q/k/v), in planning and when it builds: per target
+of the tiny model's planning pass, 11 Hessian factorisations before, 1/3 + 6 after (6: the two factor-quantisation
+probes). Exact: the same choices, the same codes."""
+
+import pytest
+import torch
+
+from compressor.methods import auto, gptq
+from compressor.methods.auto import AutoOptions
+from compressor.pipeline.stats import Stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 48
+
+
+def _case():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, N, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, N, dtype=torch.float64)
+    W = torch.randn(3, 32, N, generator=g)  # three readers of one input, like q/k/v
+    return W, Stats(count=600, gram=x.T @ x)
+
+
+def _count_hessians(monkeypatch):
+    counts = {"gram": 0, "other": 0}
+    original = gptq._inverse_cholesky
+
+    def counted(H, damp):
+        counts["gram" if H.shape == (N, N) else "other"] += 1
+        return original(H, damp)
+
+    monkeypatch.setattr(gptq, "_inverse_cholesky", counted)
+    return counts
+
+
+def _tensors(factors) -> dict:
+    out = {k: v for k, v in vars(factors).items() if isinstance(v, torch.Tensor)}
+    if getattr(factors, "residual", None) is not None:
+        out.update({f"residual.{k}": v for k, v in vars(factors.residual).items()})
+    return out
+
+
+def _plan_and_build(W, stats, options):
+    offered = [auto.choices(w, stats, options) for w in W]
+    chosen = [max((c for c in cs if c.encoding and "eora" in c.encoding[0]), key=lambda c: c.bytes) for cs in offered]
+    built = [auto.decompose(W[i : i + 1], stats, options, chosen[i].encoding).factors[0] for i in range(len(W))]
+    base = [auto.decompose(W[i : i + 1], stats, options, ("gptq-4bit", 0)).factors[0] for i in range(len(W))]
+    stats.release_derived()
+    return offered, built + base
+
+
+def test_auto_factors_gptqs_hessian_once_per_input_with_the_same_result(monkeypatch):
+    W, stats = _case()
+    options = AutoOptions(group_size=16, rank_step=8)
+    counts = _count_hessians(monkeypatch)
+    for w in W:
+        auto.choices(w, stats, options)
+    # One factorisation of the Gram for 3 targets × 5 widths (before: 15), plus each target's two factor-
+    # quantisation probes, whose A is quantised on the Gram without act-order (a different factor).
+    assert counts["gram"] == 1 + 2 * 3
+    assert counts["other"] == 4 * 3  # the probes' B on A G Aᵀ, twice each
+    stats.release_derived()
+
+    offered, built = _plan_and_build(W, stats, options)
+    monkeypatch.setattr(Stats, "derived", lambda self, key, compute: compute())  # every solve on its own, as before
+    again, rebuilt = _plan_and_build(W, stats, options)
+    assert offered == again  # the same bytes and predicted errors, exactly
+    for a, b in zip(built, rebuilt):  # GPTQ + EoRA residual, then GPTQ alone: every tensor equal
+        ta, tb = _tensors(a), _tensors(b)
+        assert ta.keys() == tb.keys() and len(ta) >= 3
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    # and the shared factor gives exactly GPTQ's own codes
+    own = gptq.gptq_quantize(W[0], gptq.GPTQOptions(bits=4, group_size=16, act_order=True), stats)
+    assert torch.equal(own.dequantized(), built[3].dequantized())
