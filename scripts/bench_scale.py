@@ -18,7 +18,7 @@ peak device memory (report.json, torch.cuda.max_memory_allocated, with --device 
 (journal `.OUT.partial` + temporary + output, polled every 0.2 s), the output's bytes, its decoder-layer shard's
 bytes, wall seconds and the run's own timings.
 
-Extrapolation (stated next to each number in the table and in the JSON's `formulas`):
+Extrapolation (the table's caption and footer say it; the JSON keeps each row's `formula` terms):
   - calibration: N·L tokens are measured; token-proportional costs (statistics, Fisher pass, refinement, the
     journal's activation streams, the activations held in memory) are scaled linearly to --target-tokens
     (default 128×2048, what a user would run); the decomposition is independent of the token count.
@@ -28,8 +28,10 @@ Extrapolation (stated next to each number in the table and in the JSON's `formul
     are extra: vocab × hidden × 2 B × 2).
   - peak RSS and device memory do not grow with depth under --low-memory (one layer is resident at a time):
     whole model = measured + activations at the target tokens minus at the measured ones (tokens × hidden ×
-    4 B × 2: layer inputs and outputs) + the real vocabulary's embeddings and head at fp32.
-  - peak disk: whole model = output × layers + the measured journal overhead (peak − final) × target/measured.
+    4 B × 2: layer inputs and outputs; × 2 again when the run keeps the dense model's stream too) + the real
+    vocabulary's embeddings and head at fp32 (an upper bound: the embeddings are released after the first layer).
+  - peak disk: whole model = output × layers + the resume journal's activations, 2 sets × target tokens ×
+    hidden × 4 B (× 2 with the dense stream). A one-layer run writes no activations (no later layer reads them).
 Formula estimates of peak RSS (weights fp32 + compressed copy + Gram matrices + activations + runtime) are given
 next to the measurement; a shape/recipe not run is reported from the formula alone, labelled "not measured".
 Seconds depend on what else runs on the machine; peak RSS and bytes do not.
@@ -203,12 +205,16 @@ def layer_linears(shape: dict) -> list[tuple[int, int]]:
     return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
 
 
-def recipe_needs(recipe: str) -> frozenset:
+def recipe_needs(recipe: str) -> tuple[frozenset, int]:
+    """The statistics the recipe's method collects, and how many activation streams the run keeps: 2 when the
+    dense model's activations walk beside the compressed ones (compressor/pipeline/sequential.py)."""
     from compressor import registry
     from compressor.recipe import load_recipe
 
     r = load_recipe(recipe)
-    return registry.get(r.method).needs_for(r.method_options())
+    needs = registry.get(r.method).needs_for(r.method_options())
+    dense = "cross" in needs or (r.refine.epochs > 0 and r.refine.target == "dense")
+    return needs, 2 if dense and r.sequential.inputs == "compressed" else 1
 
 
 def formulas(shape: dict, recipe: str, tokens: int) -> dict:
@@ -217,7 +223,7 @@ def formulas(shape: dict, recipe: str, tokens: int) -> dict:
     down one (intermediate)."""
     h, i = shape["hidden_size"], shape["intermediate_size"]
     params = sum(m * n for m, n in layer_linears(shape))
-    needs = recipe_needs(recipe)
+    needs, streams = recipe_needs(recipe)
     gram_each = 1 + ("cross" in needs)
     terms = {
         "weights_fp32": (4 * params, "layer linears × 4 B"),
@@ -225,10 +231,13 @@ def formulas(shape: dict, recipe: str, tokens: int) -> dict:
         "grams": ((3 * h * h + i * i) * 8 * gram_each if "gram" in needs else 0,
                   f"(3·hidden² + intermediate²) × 8 B{' × 2 (cross)' if gram_each == 2 else ''}, if the method "
                   "needs Grams"),
-        "activations": (tokens * h * 4 * 2, "tokens × hidden × 4 B × 2 (layer inputs and outputs)"),
+        "activations": (tokens * h * 4 * 2 * streams, f"tokens × hidden × 4 B × 2 (layer inputs and outputs)"
+                                                      f"{' × 2 (dense stream)' if streams == 2 else ''}"),
         "runtime": (int(RUNTIME_BYTES), "Python + torch + transformers"),
     }
-    return {"params_per_layer": params, "needs": sorted(needs),
+    return {"params_per_layer": params, "needs": sorted(needs), "streams": streams,
+            # the resume journal's activations beside the output: two sets while one replaces the other
+            "journal_bytes": 2 * tokens * h * 4 * streams,
             "terms": {k: {"bytes": b, "formula": f} for k, (b, f) in terms.items()},
             "peak_rss_bytes": sum(b for b, _ in terms.values())}
 
@@ -239,15 +248,17 @@ def extrapolate(row: dict, shape: dict, tokens: int, target_tokens: int) -> dict
     t = row["timings"]
     fixed = t.get("decomposition", 0.0) + t.get("allocation", 0.0)
     per_layer_s = fixed + max(t.get("compress_total", row["wall_seconds"]) - fixed, 0.0) * scale
-    extra_act = (target_tokens - tokens) * h * 4 * 2
+    streams = row["formula"]["streams"]
+    extra_act = (target_tokens - tokens) * h * 4 * 2 * streams
     vocab_fp32 = (shape["vocab"] - VOCAB) * h * 4 * 2
-    journal = max(row["peak_disk_bytes"] - row["output_bytes"], 0)
+    # a one-layer run never journals activations (no later layer reads them): the whole model's are the formula's
+    journal = 2 * target_tokens * h * 4 * streams
     device = row.get("peak_device_bytes")
     return {
         "seconds_per_layer": round(per_layer_s, 2),
         "seconds": round(per_layer_s * layers, 1),
         "output_bytes": row["layer_bytes"] * layers,
-        "peak_disk_bytes": row["layer_bytes"] * layers + int(journal * scale),
+        "peak_disk_bytes": row["layer_bytes"] * layers + journal,
         "peak_rss_bytes": row["peak_rss_bytes"] + extra_act + vocab_fp32,
         "peak_device_bytes": None if device is None else device + extra_act + vocab_fp32,
     }
@@ -266,8 +277,8 @@ def render_table(result: dict) -> str:
              f"whole model extrapolated to {target} tokens (128×2048). Sizes in GiB. Seconds on {result['machine']}"
              f"{' (shared with other jobs: inflated)' if result['contended'] else ''}.", "",
              "| shape | recipe | status | peak RSS / layer run | formula RSS | peak device | disk peak / output "
-             "(layer shard) | s / layer (wall) | whole model: s | RSS | device | output | disk peak |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(layer shard) | s / layer (wall) | s / layer at target | whole model: hours | RSS | device | output "
+             "| disk peak |", "|" + "---|" * 14]
     for r in result["rows"]:
         w, f = r.get("whole_model") or {}, r["formula"]
         if r["status"] == "measured":
@@ -275,18 +286,28 @@ def render_table(result: dict) -> str:
                 f"| {r['shape']} | {r['recipe']} | measured | {gib(r['peak_rss_bytes'])} | "
                 f"{gib(f['peak_rss_bytes_at_measured'])} | {gib(r.get('peak_device_bytes'))} | "
                 f"{gib(r['peak_disk_bytes'])} / {gib(r['output_bytes'])} ({gib(r['layer_bytes'])}) | "
-                f"{r['timings'].get('compress_total', 0):.1f} ({r['wall_seconds']:.0f}) | {w['seconds']:.0f} | "
+                f"{r['timings'].get('compress_total', 0):.1f} ({r['wall_seconds']:.0f}) | "
+                f"{w['seconds_per_layer']:.0f} | {w['seconds'] / 3600:.1f} | "
                 f"{gib(w['peak_rss_bytes'])} | {gib(w['peak_device_bytes'])} | {gib(w['output_bytes'])} | "
                 f"{gib(w['peak_disk_bytes'])} |")
         else:
             lines.append(f"| {r['shape']} | {r['recipe']} | {r['status']} | – | {gib(f['peak_rss_bytes_at_measured'])}"
-                         f" | – | – | – | – | {gib(f['peak_rss_bytes_at_target'])} (formula) | – | – | – |")
+                         f" | – | – | – | – | – | {gib(f['peak_rss_bytes_at_target'])} (formula) | – | – | – |")
     lines += ["", "Formula for peak RSS (one layer, --low-memory): " + " + ".join(
         f"{k} [{v['formula']}]" for k, v in result["rows"][0]["formula"]["terms"].items()) if result["rows"] else ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+
+def row_formula(shape: dict, recipe: str, tokens: int, target_tokens: int) -> dict:
+    f = formulas(shape, recipe, tokens)
+    f["peak_rss_bytes_at_measured"] = f.pop("peak_rss_bytes")
+    h = shape["hidden_size"]
+    f["peak_rss_bytes_at_target"] = (f["peak_rss_bytes_at_measured"] + (target_tokens - tokens) * h * 8 *
+                                     f["streams"] + (shape["vocab"] - VOCAB) * h * 8)
+    return f
 
 
 def run(shapes: list[str], recipes: list[str], *, nsamples: int, seqlen: int, target_tokens: int, threads: int,
@@ -299,13 +320,8 @@ def run(shapes: list[str], recipes: list[str], *, nsamples: int, seqlen: int, ta
         shape = SHAPES[name]
         checkpoint = None
         for recipe in recipes:
-            row = {"shape": name, "recipe": recipe, "layers": shape["layers"]}
-            f = formulas(shape, recipe, tokens)
-            f["peak_rss_bytes_at_measured"] = f.pop("peak_rss_bytes")
-            f["peak_rss_bytes_at_target"] = (f["peak_rss_bytes_at_measured"] + (target_tokens - tokens) *
-                                             shape["hidden_size"] * 8 + (shape["vocab"] - VOCAB) *
-                                             shape["hidden_size"] * 8)
-            row["formula"] = f
+            row = {"shape": name, "recipe": recipe, "layers": shape["layers"],
+                   "formula": row_formula(shape, recipe, tokens, target_tokens)}
             if name not in measure_shapes:
                 rows.append({**row, "status": "not measured (formula)"})
                 continue
@@ -318,7 +334,7 @@ def run(shapes: list[str], recipes: list[str], *, nsamples: int, seqlen: int, ta
             row.update(m)
             if m["returncode"] == 0:
                 row["status"] = "measured"
-                row["whole_model"] = extrapolate(m, shape, tokens, target_tokens)
+                row["whole_model"] = extrapolate(row, shape, tokens, target_tokens)
             else:
                 row["status"] = f"failed (exit {m['returncode']}): {m['error']}"
             log(f"{name} {recipe}: {row['status']}, {m['wall_seconds']:.0f} s, peak RSS {gib(m['peak_rss_bytes'])} GiB")
@@ -353,7 +369,20 @@ def main(argv=None):
     p.add_argument("--work", default=str(ROOT / "out" / "bench-scale"), help="scratch space of the runs (emptied)")
     p.add_argument("--json", default=str(ROOT / "bench-results" / "scale.json"))
     p.add_argument("--markdown", default=None, help="also write the table here (default: JSON's name, .md)")
+    p.add_argument("--render", default=None, metavar="PARTIAL_JSON", help="only print the table of the rows an "
+                   "interrupted run left in SCALE.partial.json (with this run's calibration options)")
     args = p.parse_args(argv)
+    if args.render:
+        result = {**run([], [], nsamples=args.nsamples, seqlen=args.seqlen, target_tokens=args.target_tokens,
+                        threads=args.threads, device=args.device, measure_shapes=set(), cache=Path(args.cache),
+                        work=Path(args.work), timeout=None, alpha=args.spectrum_alpha, rank=args.spectrum_rank),
+                  "rows": json.loads(Path(args.render).read_text()), "contended": not args.quiet_machine}
+        for row in result["rows"]:  # formulas and extrapolation as this version of the script computes them
+            row["formula"] = row_formula(SHAPES[row["shape"]], row["recipe"], result["tokens"], args.target_tokens)
+            if row["status"] == "measured":
+                row["whole_model"] = extrapolate(row, SHAPES[row["shape"]], result["tokens"], args.target_tokens)
+        print(render_table(result))
+        return result
     shapes = [s for s in args.shapes.split(",") if s]
     known = builtin_recipes()
     recipes = list(QUICK) if args.quick else args.recipes.split(",") if args.recipes else known

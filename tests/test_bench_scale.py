@@ -86,17 +86,18 @@ def test_toy_run_in_a_child_process(tmp_path):
         assert 0.3 * 2**30 < row["peak_rss_bytes"] < 4 * 2**30
 
 
-def test_extrapolation_scales_token_costs_and_layers():
+@pytest.mark.parametrize("streams", [1, 2])
+def test_extrapolation_scales_token_costs_and_layers(streams):
     shape = SHAPES["7b"]
     row = {"wall_seconds": 100.0, "peak_rss_bytes": 5 * 2**30, "peak_disk_bytes": 600, "output_bytes": 400,
-           "layer_bytes": 300, "peak_device_bytes": None,
+           "layer_bytes": 300, "peak_device_bytes": None, "formula": {"streams": streams},
            "timings": {"compress_total": 50.0, "decomposition": 30.0, "allocation": 0.0}}
     w = extrapolate(row, shape, tokens=1000, target_tokens=4000)
     assert w["seconds_per_layer"] == pytest.approx(30 + 20 * 4)  # decomposition fixed, the rest × tokens
     assert w["seconds"] == pytest.approx(110 * 32)
-    assert w["output_bytes"] == 300 * 32 and w["peak_disk_bytes"] == 300 * 32 + 200 * 4
     h = shape["hidden_size"]
-    assert w["peak_rss_bytes"] == 5 * 2**30 + 3000 * h * 8 + (32000 - 1024) * h * 8  # not × layers: one resident
+    assert w["output_bytes"] == 300 * 32 and w["peak_disk_bytes"] == 300 * 32 + 2 * 4000 * h * 4 * streams
+    assert w["peak_rss_bytes"] == 5 * 2**30 + 3000 * h * 8 * streams + (32000 - 1024) * h * 8  # not × layers
     assert w["peak_device_bytes"] is None
 
 
@@ -108,6 +109,8 @@ def test_formula_terms_follow_the_method_statistics():
     assert svd_llm["params_per_layer"] == 4 * 4096**2 + 3 * 4096 * 11008  # Llama-2-7B: 202M per layer
     assert formulas(SHAPES["70b"], "rtn-4bit", 1)["params_per_layer"] == 2 * 8192**2 + 2 * 1024 * 8192 + 3 * 8192 * 28672
     assert svd_llm["peak_rss_bytes"] == sum(t["bytes"] for t in svd_llm["terms"].values())
+    assert (rtn["streams"], svd_llm["streams"], formulas(shape, "lowrank-20", 1)["streams"]) == (1, 1, 2)
+    assert formulas(shape, "lowrank-20", 2048)["journal_bytes"] == 2 * 2048 * 4096 * 4 * 2
 
 
 def test_spectral_matrix_decays_and_has_the_scale_asked():
