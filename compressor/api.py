@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor import registry
 from compressor.data import load_texts
 from compressor.errors import UserError
 from compressor.io.load import LoadedModel, check_finite, checkpoint_dtype, load_model, resolve_dtype  # noqa: F401
@@ -96,24 +97,21 @@ def compress_checkpoint(
 ) -> dict:
     """Compress the checkpoint `model_name` (local directory or hub id) into the directory `out`, as `lrc compress`
     does; returns the report. `recipe`: a Recipe, a built-in name or a YAML path (None with `target_size`: auto).
-    `target_size`: a fraction (0.4: the targeted linears in at most that share of their dense bytes, i.e. their
-    size_ratio) or a size ("4.5GB", "800MiB", a byte count: the whole checkpoint's weights). `resume`: finish the run
+    `target_size`: the whole checkpoint's weights in at most a size ("4.5GB", "800MiB", a byte count) or a fraction
+    of the dense checkpoint's bytes (0.35); the targets' share of their own bytes is the recipe's `size_ratio`, which
+    the run derives from it (so it cannot be `--set` too). `resume`: finish the run
     an interruption left in `.OUT.partial/` (compressor/pipeline/journal.py); without it such a leftover is refused.
 
     Every user error is detected here, before the model is loaded (model source, output directory, recipe,
     calibration and evaluation text), so bad input fails in a second with one line and nothing on disk."""
     if recipe is None and target_size is None:
         raise UserError("compress needs --recipe (lrc recipes list) or --target-size")
-    target_bytes = None
-    if target_size is not None:
-        kind, value = parse_target_size(str(target_size))
-        if kind == "ratio":  # first: an explicit --set size_ratio still wins
-            overrides = (f"size_ratio={value}", *overrides)
-        else:
-            target_bytes = value
+    target = None if target_size is None else parse_target_size(str(target_size))
     out = Path(out)
     source_bytes = check_model_source(model_name)  # a typo'd path: one line now, not hub retries
     parsed = as_recipe("auto" if recipe is None else recipe, tuple(overrides))
+    if target is not None:
+        _check_budgetable(parsed, overrides)
     check_output(out, overwrite=overwrite, expected_bytes=source_bytes, source=model_name,  # not after the run
                  journal_bytes=journal_bytes(model_name, source_bytes, parsed, low_memory=low_memory, device=device,
                                              dtype=dtype))
@@ -127,10 +125,28 @@ def compress_checkpoint(
             load_texts(eval_data, split_default="test")
         return run(CompressJob(
             source=model_name, recipe=parsed, out=out, calib_texts=calib_texts, overrides=tuple(overrides),
-            target_bytes=target_bytes, evaluate=evaluate_ppl, eval_data=eval_data, eval_seqlen=eval_seqlen,
+            target_size=target, target_size_text=None if target is None else str(target_size),
+            evaluate=evaluate_ppl, eval_data=eval_data, eval_seqlen=eval_seqlen,
             eval_max_windows=eval_max_windows, device=device, dtype=dtype, overwrite=overwrite,
             trust_remote_code=trust_remote_code, show_progress=show_progress, with_plots=with_plots,
             low_memory=low_memory, resume=resume))
+
+
+def _check_budgetable(recipe: Recipe, overrides) -> None:
+    """--target-size becomes the targets' size_ratio: the recipe's method must take one, and no --set may size
+    the targets another way (size_ratio, or the rank / param_ratio it excludes)."""
+    try:
+        recipe.with_overrides(("size_ratio=0.5",))
+    except UserError:
+        raise UserError(f"--target-size needs a recipe whose method takes size_ratio (auto, svd-llm, ...); recipe "
+                        f"'{recipe.name}' (method {recipe.method}) does not") from None
+    groups = getattr(registry.get(recipe.method).Options, "exclusive_options", ())
+    knobs = {"size_ratio"}.union(*(g for g in groups if "size_ratio" in g))
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip().removeprefix("options.")
+        if key in knobs:
+            raise UserError(f"--target-size sets the size: drop --set {assignment.strip()} (size_ratio sizes the "
+                            "targets alone, --target-size the whole checkpoint)")
 
 
 def load_compressed(path, *, dtype=None, device=None, fuse_siblings=False):

@@ -245,13 +245,14 @@ SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib"
 
 
 def parse_target_size(text: str) -> tuple[str, float | int]:
-    """'0.4' -> ("ratio", 0.4); '4.5GB' / '800 MiB' / '123456789' (bytes) -> ("bytes", n)."""
+    """'0.4' -> ("fraction", 0.4); '4.5GB' / '800 MiB' / '123456789' (bytes) -> ("bytes", n). Both bound the whole
+    checkpoint's weights: a fraction of the dense checkpoint's bytes, known once the model is loaded."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if match is None or match.group(2) not in SIZE_UNITS and match.group(2) != "":
         raise UserError(f"--target-size {text!r}: give a fraction such as 0.4 or a size such as 4.5GB / 800MiB")
     number, unit = float(match.group(1)), match.group(2)
     if not unit and 0 < number < 1:
-        return "ratio", number
+        return "fraction", number
     if not unit and number.is_integer() and number >= 1:
         return "bytes", int(number)
     if unit and number > 0:

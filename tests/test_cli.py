@@ -354,17 +354,21 @@ def test_version():
 def test_target_size_budgets_bytes_with_auto_or_the_given_recipe(tiny_checkpoint, tmp_path):
     from tests.helpers import one_error_line, run
 
-    result = run("compress", tiny_checkpoint, "--target-size", "0.4", "-o", tmp_path / "auto", "--no-plots",
+    # A fraction is of the whole dense checkpoint (issue 22): the embeddings keep their bytes, the targets get less
+    result = run("compress", tiny_checkpoint, "--target-size", "0.6", "-o", tmp_path / "auto", "--no-plots",
                  *FAST_CALIB)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "auto" / "report.json").read_text())
-    assert report["recipe"] == "auto" and report["options"]["size_ratio"] == 0.4
-    assert 0.3 < report["totals"]["size_ratio"] <= 0.4 and "target bytes" in result.output
-    result = run("compress", tiny_checkpoint, "-r", "svd-llm-int8-40", "--target-size", "0.3", "-o",
+    t = report["totals"]
+    assert report["recipe"] == "auto" and 0.3 < report["options"]["size_ratio"] < 0.6
+    assert 0.59 * t["weight_bytes_before"] < t["weight_bytes_after"] <= 0.6 * t["weight_bytes_before"]
+    assert t["size_ratio"] <= report["options"]["size_ratio"] and "target bytes" in result.output
+    result = run("compress", tiny_checkpoint, "-r", "svd-llm-int8-40", "--target-size", "0.5", "-o",
                  tmp_path / "int8", "--no-plots", *FAST_CALIB)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "int8" / "report.json").read_text())
-    assert report["options"]["factor_bits"] == 8 and report["totals"]["size_ratio"] <= 0.3
+    t = report["totals"]
+    assert report["options"]["factor_bits"] == 8 and t["weight_bytes_after"] <= 0.5 * t["weight_bytes_before"]
     one_error_line(run("compress", tiny_checkpoint, "-o", tmp_path / "none"), "--target-size")
 
 

@@ -158,6 +158,17 @@ def checkpoint_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors") if f.is_file())
 
 
+def tensor_data_bytes(path) -> int:
+    """Bytes of tensor data in the *.safetensors files of a checkpoint directory: each file less its 8-byte header
+    length and its JSON header (what a report's weight bytes count)."""
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with f.open("rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+        total += f.stat().st_size - 8 - header
+    return total
+
+
 def compressed_modules(model: nn.Module) -> dict[str, dict]:
     """{module name: spec} of every compressed module in `model`."""
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, COMPRESSED_MODULES)}

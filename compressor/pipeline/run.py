@@ -8,6 +8,8 @@ recipe by name again. Targets are selected once, here, and handed to every later
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,8 @@ from compressor.pipeline.journal import Journal, fault, run_identity
 from compressor.pipeline.result import calibration_data
 from compressor.pipeline.streaming import LazyLayers, finish_streamed, load_skeleton
 from compressor.pipeline.targets import find_decoder_layers, select_targets
-from compressor.pipeline.workflow import (default_eval_seqlen, evaluate_in_memory, final_write, layer_progress,
-                                          merged_timings, report_plots, size_ratio_for_bytes)
+from compressor.pipeline.workflow import (check_written, default_eval_seqlen, evaluate_in_memory, final_write,
+                                          layer_progress, merged_timings, report_plots, size_ratio_for_bytes)
 from compressor.recipe import Recipe
 from compressor.report.summary import build_report, count_parameters, render_markdown, state_bytes
 
@@ -33,8 +35,11 @@ class CompressJob:
     recipe: Recipe  # overrides applied
     out: Path
     calib_texts: tuple  # (texts, description): a `load_texts` result
-    overrides: tuple[str, ...] = ()  # applied again after a byte budget's size_ratio, so an explicit --set wins
-    target_bytes: int | None = None  # the whole checkpoint's weights in at most this many bytes
+    overrides: tuple[str, ...] = ()  # applied again after a target size's size_ratio (none may size the targets)
+    # --target-size as parse_target_size gives it, ("fraction", 0.35) or ("bytes", n), and as the user wrote it:
+    # the whole checkpoint's weights in at most that (a fraction of the dense checkpoint's bytes)
+    target_size: tuple | None = None
+    target_size_text: str | None = None
     evaluate: bool = False
     eval_data: str | None = None
     eval_seqlen: int | None = None
@@ -64,12 +69,15 @@ def run(job: CompressJob) -> dict:
         model, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
     timings["load"] = time.perf_counter() - t0
 
-    # 2. targets, once (matching nothing fails here, before any work); a byte budget becomes their size_ratio
+    # 2. targets, once (matching nothing fails here, before any work); a target size, in bytes or as a fraction of
+    # the dense checkpoint's (each tensor counted once, as written), becomes the targets' size_ratio
     layer_targets = select_targets(model, job.recipe.targets, job.recipe.ignore)
     params_before, bytes_before = count_parameters(model), state_bytes(model, storage)
-    recipe = job.recipe
-    if job.target_bytes is not None:
-        ratio = size_ratio_for_bytes(layer_targets, storage, job.target_bytes, bytes_before)
+    recipe, target_bytes = job.recipe, None
+    if job.target_size is not None:
+        kind, value = job.target_size
+        target_bytes = math.floor(value * bytes_before) if kind == "fraction" else value
+        ratio = size_ratio_for_bytes(layer_targets, storage, target_bytes, bytes_before, job.target_size_text)
         recipe = recipe.with_overrides((f"size_ratio={ratio}", *job.overrides))
 
     # 3. perplexity before, calibration windows, the resume journal
@@ -121,15 +129,25 @@ def run(job: CompressJob) -> dict:
                                               job.show_progress, "after")
             timings["eval_after"] = time.perf_counter() - t0
 
-        # 5. write and 6. report (the report records the save time, so it is rendered while the output is written)
+        # 5. write and 6. report (the report records the save time, so it is rendered while the output is written),
+        # beside the output; published once the bytes written are checked against the report and the size asked
         if layer_io is None:
             report, markdown, plots = report_for(result)
-            result.save(job.out, tokenizer=tok, report=report, report_md=markdown, overwrite=job.overwrite,
-                        extra_files=plots)
+            written = journal.folder / "output"
+            for stale in (written, *journal.folder.glob(".output.tmp-*")):  # an interrupted final write's (--resume)
+                shutil.rmtree(stale, ignore_errors=True)
+            result.save(written, tokenizer=tok, report=report, report_md=markdown, extra_files=plots)
         else:
             result.timings["load"] = layer_io.seconds["load"]
             report = finish_streamed(model, result, layer_io, journal.folder, tok, storage, report_for)
-            journal.close_out()
-            publish(journal.folder, job.out, job.overwrite)
+            written = journal.folder
+        journal.close_out()  # (its activations are safetensors too: gone before the bytes written are counted)
+        try:
+            check_written(written, report, target_bytes, job.target_size_text)
+        except Exception as exc:  # not resumable: the same run would write the same bytes
+            journal.discard()
+            exc.lrc_journal = True
+            raise
+        publish(written, job.out, job.overwrite)
     journal.discard()
     return report

@@ -1,5 +1,6 @@
 """What a run shows and measures around its steps (compressor/pipeline/run.py): progress bars with rate and ETA,
-perplexity of the model in memory, the report's plots, the size_ratio a byte budget leaves the targets; and
+perplexity of the model in memory, the report's plots, the size_ratio a byte budget leaves the targets, the check
+of the bytes written against the report and the size asked; and
 `evaluate_checkpoint`, the job behind `lrc eval`.
 """
 
@@ -19,6 +20,7 @@ from rich.text import Text
 
 from compressor.data import load_texts
 from compressor.errors import UserError
+from compressor.io.checkpoint import tensor_data_bytes
 from compressor.io.load import load_model
 from compressor.io.preflight import check_model_source
 from compressor.pipeline.journal import fault
@@ -126,20 +128,37 @@ def default_eval_seqlen(model, requested: int | None) -> int:
     return requested if requested is not None else min(2048, limit)
 
 
-def size_ratio_for_bytes(layer_targets, storage, target_bytes: int, bytes_before: int) -> float:
+def size_ratio_for_bytes(layer_targets, storage, target_bytes: int, bytes_before: int, asked: str) -> float:
     """The targets' size_ratio that makes the whole checkpoint's weights at most `target_bytes`: everything lrc does
-    not compress (embeddings, norms, lm_head, biases) keeps its bytes; the targets' weights share the rest."""
+    not compress (embeddings, norms, an untied lm_head, biases) keeps its bytes; the targets' weights share the rest.
+    `asked`: the --target-size as the user wrote it, for the errors."""
     element = torch.empty((), dtype=storage).element_size()
     targets = sum(t.weight.numel() for layer in layer_targets for t in layer.values()) * element
     fixed = bytes_before - targets
     ratio = math.floor((target_bytes - fixed) / targets * 1e6) / 1e6  # rounded down: never over the size asked
     if target_bytes >= bytes_before:
-        raise UserError(f"--target-size {target_bytes:,} bytes is not below the dense checkpoint's "
+        raise UserError(f"--target-size {asked} ({target_bytes:,} bytes) is not below the dense checkpoint's "
                         f"{bytes_before:,} bytes: nothing to compress")
     if ratio <= 0:
-        raise UserError(f"--target-size {target_bytes:,} bytes: the weights lrc does not compress (embeddings, "
-                        f"norms, lm_head) already take {fixed:,} bytes")
+        raise UserError(f"--target-size {asked} ({target_bytes:,} bytes): the weights lrc does not compress "
+                        f"(embeddings, norms, lm_head) already take {fixed:,} bytes")
     return ratio
+
+
+def check_written(folder: Path, report: dict, target_bytes: int | None, asked: str | None) -> None:
+    """After the write, before the output is published: the safetensors in `folder` hold exactly the weight bytes
+    the report states (one truth: what is written), and no more than a --target-size asked for."""
+    on_disk = tensor_data_bytes(folder)
+    stated = report["totals"]["weight_bytes_after"]
+    if on_disk != stated:
+        raise RuntimeError(f"lrc bug: the report states {stated:,} weight bytes, the safetensors written hold "
+                           f"{on_disk:,}; nothing was published")
+    if target_bytes is not None and on_disk > target_bytes:
+        dense = [m for m in report["modules"] if not m["compressed"]]
+        why = (f" ({len(dense)} of {len(report['modules'])} targets kept dense, e.g. {dense[0]['name']}: "
+               f"{dense[0]['note']})" if dense else "")
+        raise UserError(f"--target-size {asked}: the weights written come to {on_disk:,} bytes, over the "
+                        f"{target_bytes:,} asked{why}; nothing was published: ask for more, or use recipe auto")
 
 
 def merged_timings(workflow: dict, compression: dict) -> dict:

@@ -18,11 +18,25 @@ import compressor
 
 
 def state_bytes(model: torch.nn.Module, float_dtype: torch.dtype | None = None) -> int:
-    """Bytes of the persistent weights as they are (or would be) saved; floating tensors counted in
-    `float_dtype` when given (the checkpoint dtype), except fp16 quantization scales which stay fp16."""
-    from compressor.nn.modules import stored_bytes
-
-    return stored_bytes(model, float_dtype)
+    """Bytes of the persistent weights as they are (or would be) saved, each tensor once: a tied `lm_head` is the
+    embedding's tensor, listed twice by `state_dict()` but stored once (save_pretrained and the --low-memory writer
+    drop it). Floating tensors counted in `float_dtype` when given (the checkpoint dtype), except the fp16 `*scales`
+    of the packed formats, which keep their dtype (as compressor.nn.modules.stored_bytes counts one module)."""
+    element = None if float_dtype is None else torch.empty((), dtype=float_dtype).element_size()
+    state = model.state_dict(keep_vars=True)
+    # A tie is a name (moving a layer to the meta device and back gives the head a Parameter of its own) or one
+    # Parameter under two names; transformers declares which names are tied.
+    tied = {k for k, source in (getattr(model, "all_tied_weights_keys", None) or {}).items() if source in state}
+    seen, total = set(), 0
+    for name, t in state.items():
+        if name in tied or id(t) in seen:
+            continue
+        seen.add(id(t))
+        size = t.element_size()
+        if element is not None and t.is_floating_point() and not name.endswith("scales"):
+            size = element
+        total += t.numel() * size
+    return total
 
 
 def count_parameters(model: torch.nn.Module) -> int:
