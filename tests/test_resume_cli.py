@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.test_cli import ENV, leftovers, tiny_checkpoint  # noqa: F401 (a session fixture shared with test_cli)
+from tests.test_journal_disk import _flip_tensor_in_place
 
 # Refinement towards the dense outputs: the journal must carry both activation streams.
 ARGS = ("-r", "svd-llm-40", "--set", "refine.epochs=1", "--set", "refine.target=dense", "--nsamples", "4",
@@ -60,9 +63,12 @@ def runs(tiny_checkpoint, tmp_path_factory):  # noqa: F811
                        + [lambda: _lrc(tiny_checkpoint, references["in-memory"]),
                           lambda: _lrc(tiny_checkpoint, references["low-memory"], "--low-memory")])
     state = {c: (p.returncode, outs[c].exists(), leftovers(outs[c])) for c, p in zip(CASES, killed)}
+    layer = outs["mid-run"].parent / ".out.partial" / "layer-00000.safetensors"
+    with safe_open(layer, framework="pt") as f:  # what the journal kept of layer 0, in the checkpoint's bf16
+        kept = {f.get_slice(k).get_dtype() for k in f.keys()}
     refused = _lrc(tiny_checkpoint, outs["mid-run"])  # no --resume: refused, the partial run kept
     resumed = _parallel([lambda c=c: _lrc(tiny_checkpoint, outs[c], *CASES[c][1], "--resume") for c in CASES])
-    return {"killed": state, "refs": references, "ref_runs": killed[len(CASES):], "refused": refused,
+    return {"killed": state, "kept dtypes": kept, "refs": references, "ref_runs": killed[len(CASES):], "refused": refused,
             "resumed": dict(zip(CASES, resumed)), "outs": outs}
 
 
@@ -118,3 +124,37 @@ def test_ctrl_c_keeps_a_resumable_journal_or_nothing_and_says_which(tiny_checkpo
     last = mid.stderr.rstrip().splitlines()[-1]
     assert last.startswith("interrupted; the 1 finished decoder layers are kept in") and "--resume" in last, last
     assert leftovers(outs["after-layer:1"]) == [".out.partial"] and not outs["after-layer:1"].exists()
+
+
+def test_the_journal_keeps_layers_in_the_checkpoints_dtype(runs):
+    assert runs["kept dtypes"] == {"BF16"}  # the run computes in fp32 on the CPU; the checkpoint is bf16
+
+
+def test_resuming_after_the_weights_changed_in_place_is_refused_naming_the_model(tiny_checkpoint, tmp_path):  # noqa: F811
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    out = tmp_path / "out"
+    killed = _lrc(model, out, fault="after-layer:1")
+    assert killed.returncode == -9
+    _flip_tensor_in_place(model / "model.safetensors", "model.layers.1.mlp.down_proj.weight")  # same shape and size
+    proc = _lrc(model, out, "--resume")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: cannot resume: the model {model} is not the one"), proc.stderr
+    assert (tmp_path / ".out.partial" / "journal.json").is_file() and not out.exists()
+
+
+def test_a_second_run_on_the_same_output_is_refused_at_once(tiny_checkpoint, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    hold = ("import sys, time\nfrom compressor.io.lock import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n")
+    first = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        (tmp_path / ".out.tmp-first").mkdir()  # the first run's final write, half-way
+        proc = _lrc(tiny_checkpoint, out)
+    finally:
+        first.kill()
+        first.wait()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"another lrc run (pid {first.pid}) is writing {out}" in proc.stderr, proc.stderr
+    assert "calibrat" not in proc.stderr and (tmp_path / ".out.tmp-first").is_dir() and not out.exists()
