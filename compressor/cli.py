@@ -54,8 +54,8 @@ def _device_options(f):
 @click.option("--recipe", "-r", default=None,
               help="built-in recipe name (lrc recipes list) or a YAML path; with --target-size alone: auto")
 @click.option("--target-size", default=None, metavar="X",
-              help="a fraction (0.4): the targeted linears in at most that share of their dense bytes (sets "
-                   "size_ratio); a size (4.5GB, 800MiB): the whole checkpoint's weights in at most that")
+              help="the whole checkpoint's weights in at most a size (4.5GB, 800MiB) or a fraction of the dense "
+                   "checkpoint's (0.35); the targets' own share is --set size_ratio=")
 @click.option("--output", "-o", required=True, type=click.Path(), help="output directory (must not exist)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe field: bare method option (param_ratio=0.7) or dotted path")
