@@ -208,7 +208,8 @@ def _checkpoint(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text('{"hidden_size": 64}')
     torch.manual_seed(0)
-    save_file({"a": torch.randn(64, 64), "b": torch.randn(3000), "c": torch.randn(7)}, str(folder / "model.safetensors"))
+    tensors = {"a": torch.randn(64, 64), "b": torch.randn(3000), "c": torch.randn(7)}  # two sampled, one read whole
+    save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
 

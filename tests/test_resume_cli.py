@@ -68,7 +68,8 @@ def runs(tiny_checkpoint, tmp_path_factory):  # noqa: F811
         kept = {f.get_slice(k).get_dtype() for k in f.keys()}
     refused = _lrc(tiny_checkpoint, outs["mid-run"])  # no --resume: refused, the partial run kept
     resumed = _parallel([lambda c=c: _lrc(tiny_checkpoint, outs[c], *CASES[c][1], "--resume") for c in CASES])
-    return {"killed": state, "kept dtypes": kept, "refs": references, "ref_runs": killed[len(CASES):], "refused": refused,
+    return {"killed": state, "kept dtypes": kept, "refs": references, "ref_runs": killed[len(CASES):],
+            "refused": refused,
             "resumed": dict(zip(CASES, resumed)), "outs": outs}
 
 
@@ -130,7 +131,7 @@ def test_the_journal_keeps_layers_in_the_checkpoints_dtype(runs):
     assert runs["kept dtypes"] == {"BF16"}  # the run computes in fp32 on the CPU; the checkpoint is bf16
 
 
-def test_resuming_after_the_weights_changed_in_place_is_refused_naming_the_model(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_resuming_after_the_weights_changed_in_place_is_refused(tiny_checkpoint, tmp_path):  # noqa: F811
     model = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, model)
     out = tmp_path / "out"
