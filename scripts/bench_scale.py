@@ -178,6 +178,7 @@ def measure(checkpoint: Path, recipe: str, work: Path, *, nsamples: int, seqlen:
     row = {"recipe": recipe, "returncode": child.returncode, "wall_seconds": round(seconds, 2),
            "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_disk_bytes": max(peak_disk[0], tree_bytes(work))}
     if child.returncode != 0:
+        row["timed_out"] = bool(timeout) and seconds >= timeout
         row["error"] = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         row["error"] = row["error"][0][-300:]
         return row
@@ -290,6 +291,10 @@ def render_table(result: dict) -> str:
                 f"{w['seconds_per_layer']:.0f} | {w['seconds'] / 3600:.1f} | "
                 f"{gib(w['peak_rss_bytes'])} | {gib(w['peak_device_bytes'])} | {gib(w['output_bytes'])} | "
                 f"{gib(w['peak_disk_bytes'])} |")
+        elif "peak_rss_bytes" in r:  # failed or killed by --timeout: what it had reached by then
+            lines.append(f"| {r['shape']} | {r['recipe']} | {r['status']} | ≥ {gib(r['peak_rss_bytes'])} | "
+                         f"{gib(f['peak_rss_bytes_at_measured'])} | – | – | > {r['wall_seconds']:.0f} (wall) | – | – | "
+                         f"{gib(f['peak_rss_bytes_at_target'])} (formula) | – | – | – |")
         else:
             lines.append(f"| {r['shape']} | {r['recipe']} | {r['status']} | – | {gib(f['peak_rss_bytes_at_measured'])}"
                          f" | – | – | – | – | – | {gib(f['peak_rss_bytes_at_target'])} (formula) | – | – | – |")
@@ -336,7 +341,8 @@ def run(shapes: list[str], recipes: list[str], *, nsamples: int, seqlen: int, ta
                 row["status"] = "measured"
                 row["whole_model"] = extrapolate(row, shape, tokens, target_tokens)
             else:
-                row["status"] = f"failed (exit {m['returncode']}): {m['error']}"
+                row["status"] = (f"killed at --timeout {timeout:.0f} s" if m["timed_out"] else
+                                 f"failed (exit {m['returncode']}): {m['error']}")
             log(f"{name} {recipe}: {row['status']}, {m['wall_seconds']:.0f} s, peak RSS {gib(m['peak_rss_bytes'])} GiB")
             rows.append(row)
             if on_row:

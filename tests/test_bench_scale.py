@@ -118,3 +118,14 @@ def test_spectral_matrix_decays_and_has_the_scale_asked():
     assert w.pow(2).mean().sqrt() == pytest.approx(0.02, rel=0.02)
     s = torch.linalg.svdvals(w)
     assert s[0] / s[31] > 3 and s[0] / s[-1] > 5  # i^-0.6 over rank 32 (32^0.6 ≈ 8) above a noise floor
+
+
+def test_a_killed_row_shows_what_it_reached():
+    shape = SHAPES["7b"]
+    row = {"shape": "7b", "recipe": "svd-llm-20", "status": "killed at --timeout 900 s", "returncode": -9,
+           "timed_out": True, "wall_seconds": 901.0, "peak_rss_bytes": 5 * 2**30,
+           "formula": bench_scale.row_formula(shape, "svd-llm-20", 2048, 128 * 2048)}
+    table = bench_scale.render_table({"nsamples": 8, "seqlen": 256, "tokens": 2048, "target_tokens": 128 * 2048,
+                                      "machine": "m", "contended": True, "rows": [row]})
+    line = next(x for x in table.splitlines() if x.startswith("| 7b |"))
+    assert line.count("|") == 15 and "| ≥ 5.00 |" in line and "> 901 (wall)" in line
