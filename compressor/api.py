@@ -13,6 +13,7 @@ passed (recipe names, `--set` overrides, `--target-size`, paths) is checked and 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from compressor.errors import UserError
 from compressor.io.load import LoadedModel, check_finite, checkpoint_dtype, load_model, resolve_dtype  # noqa: F401
 from compressor.io.lock import output_lock
 from compressor.io.preflight import check_model_source, check_output
+from compressor.pipeline import distributed
 from compressor.pipeline.compression import REPORT_STATS, CalibrationStatistics, compress_model  # noqa: F401
 from compressor.pipeline.compression import collect_statistics as _collect_statistics
 from compressor.pipeline.journal import journal_bytes, refuse_leftover
@@ -115,7 +117,8 @@ def compress_checkpoint(
     check_output(out, overwrite=overwrite, expected_bytes=source_bytes, source=model_name,  # not after the run
                  journal_bytes=journal_bytes(model_name, source_bytes, parsed, low_memory=low_memory, device=device,
                                              dtype=dtype))
-    with output_lock(out):  # one run per output, until it is published
+    # one run per output, until it is published (under torchrun rank 0's: it alone writes; pipeline/distributed.py)
+    with output_lock(out) if distributed.is_writer() else nullcontext():
         refuse_leftover(out, resume)
         calib_texts = load_texts(calib, split_default="train")  # fail fast on a missing/empty calibration file
         if evaluate_ppl:

@@ -77,11 +77,27 @@ def _device_options(f):
 @click.option("--low-memory", is_flag=True,
               help="stream weights from the checkpoint's safetensors one decoder layer at a time and write output "
                    "shards as layers finish: for models larger than RAM")
+@click.option("--collective-timeout", type=float, default=600.0, show_default=True, metavar="SECONDS",
+              help="under torchrun: how long a process waits for the others before the run ends on every process")
 @_device_options
 def compress(model, recipe, target_size, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl,
-             eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype,
-             trust_remote_code):
-    """Compress MODEL (local directory or hub id) with a recipe into OUTPUT."""
+             eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, collective_timeout,
+             device, dtype, trust_remote_code):
+    """Compress MODEL (local directory or hub id) with a recipe into OUTPUT.
+
+    Several processes (`torchrun --nproc-per-node N -m compressor compress ...`) share the calibration windows
+    and the decompositions; rank 0 writes the output (docs/large-models.md)."""
+    from compressor.pipeline import distributed
+
+    with distributed.session(timeout=collective_timeout, device=device):
+        _compress(model, recipe, target_size, output, overrides, calib, nsamples, seqlen, seed, dense_inputs,
+                  evaluate_ppl, eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory,
+                  device, dtype, trust_remote_code, writer=distributed.is_writer())
+
+
+def _compress(model, recipe, target_size, output, overrides, calib, nsamples, seqlen, seed, dense_inputs, evaluate_ppl,
+              eval_data, eval_seqlen, eval_max_windows, overwrite, resume, no_plots, low_memory, device, dtype,
+              trust_remote_code, writer):
     from compressor.api import compress_checkpoint
 
     evaluate_ppl = evaluate_ppl or eval_data is not None  # asking for evaluation data means evaluating
@@ -93,8 +109,10 @@ def compress(model, recipe, target_size, output, overrides, calib, nsamples, seq
         model, recipe, output, overrides=tuple(overrides) + tuple(extra), target_size=target_size, calib=calib,
         evaluate_ppl=evaluate_ppl, eval_data=eval_data, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows,
         device=device, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code, with_plots=not no_plots,
-        low_memory=low_memory, resume=resume,
+        low_memory=low_memory, resume=resume, show_progress=writer,
     )
+    if not writer:  # another process of a torchrun: rank 0 writes and reports
+        return
     out.print(_summary_table(report))
     out.print(f"wrote {output}/ (report.md, report.json, recipe.yaml, weights)")
 

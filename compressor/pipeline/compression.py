@@ -25,6 +25,7 @@ from torch import nn
 
 from compressor import registry
 from compressor.budget.allocation import allocate_ranks, needs_output_gradients, validate_allocation
+from compressor.pipeline import distributed
 from compressor.pipeline.apply import ModuleReport, compress_layer, with_dense_bits
 from compressor.errors import UserError
 from compressor.pipeline.fisher import fisher_of_targets, per_module_fisher
@@ -104,6 +105,7 @@ class Compression:
         self.fisher = None
         self.start = 0  # decoder layers finished by an interrupted run
         self.resumed = None
+        distributed.set_chunk(batch_size)  # how a journal shared by several processes lays out their windows
 
     # 1. ------------------------------------------------------------------------------------------------------------
     def select_targets(self, statistics: CalibrationStatistics | None) -> None:
@@ -222,8 +224,10 @@ class Compression:
     def _decompose(self, index, groups, stats) -> None:
         t0 = time.perf_counter()
         if self.layer_targets[index]:
-            reports = compress_layer(self.model, self.layer_targets[index], groups, stats, self.method, self.options,
-                                     self.allocated, storage_dtype=self.storage_dtype)
+            # (under torchrun each group by its owner process, broadcast to the others)
+            reports = distributed.compress_layer(compress_layer, self.model, self.layer_targets[index], groups, stats,
+                                                 self.method, self.options, self.allocated,
+                                                 storage_dtype=self.storage_dtype)
             self.reports.extend(reports)
             if self.storage_dtype is not None:  # later layers are calibrated on what the checkpoint will hold
                 for report in reports:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.pipeline import distributed
 from compressor.pipeline.sequential import (LayerSource, capture_layer_calls, hidden_of, layer_output, move, move_all_but_layers,
                                    with_hidden)
 from compressor.pipeline.stats import Stats
@@ -153,9 +154,12 @@ def collect_fisher(
             p.requires_grad_(False)
         model.eval()
         move_all_but_layers(model, device)
-        for start in range(0, batches.shape[0], batch_size):
+        # Under torchrun each process takes whole chunks (the mini-batch Fisher depends on them) and the sums are
+        # added up (compressor/pipeline/distributed.py).
+        for start in distributed.my_chunks(batches.shape[0], batch_size):
             ids = batches[start : start + batch_size].to(device)
             _fisher_of_chunk(model, layers, source, keep, per_layer, sums, ids)
+        distributed.all_reduce_sums([t for s in sums.values() for t in s])
     finally:
         move_all_but_layers(model, home)
         source.send_home()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.pipeline import distributed
 from compressor.pipeline.sequential import exact_paths, hidden_of, layer_output, move, run_layer
 
 
@@ -58,16 +59,18 @@ def _slice(obj, size: int, start: int, stop: int):
 
 
 def _pieces(calls, targets, batch_size: int):
-    """[(call, target)] with at most `batch_size` windows each."""
+    """The steps: each a list of (call, target) parts, at most `batch_size` windows in all. One process: one part
+    per step. Under torchrun the steps are the one-process run's, each rank holding its windows of them
+    (compressor/pipeline/distributed.py)."""
+    sizes = [hidden_of(call).shape[0] for call in calls]
     out = []
-    for call, target in zip(calls, targets):
-        size = hidden_of(call).shape[0]
-        if size <= batch_size:
-            out.append((call, target))
-            continue
-        for start in range(0, size, batch_size):
-            stop = min(start + batch_size, size)
-            out.append((_slice(call, size, start, stop), target[start:stop]))
+    for parts in distributed.pieces(sizes, batch_size):
+        step = []
+        for k, start, stop in parts:
+            whole = (start, stop) == (0, sizes[k])
+            step.append((calls[k], targets[k]) if whole else
+                        (_slice(calls[k], sizes[k], start, stop), targets[k][start:stop]))
+        out.append(step)
     return out
 
 
@@ -106,7 +109,7 @@ def _refine(layer, params, dtype, storage_dtype, calls, targets, start, *, epoch
             skip_first, device, offload, index, relative_lr):
     norm = sum(float(t[:, skip_first:].double().pow(2).sum()) if t.dim() >= 3 else float(t.double().pow(2).sum())
                for t in targets)
-    norm = max(norm, 1e-300)
+    norm = max(distributed.all_reduce_scalar(norm), 1e-300)  # (under torchrun: over every process's windows)
 
     def run(call):
         args, kwargs = move(call, device, torch.float32)
@@ -126,7 +129,7 @@ def _refine(layer, params, dtype, storage_dtype, calls, targets, start, *, epoch
             total += float(_sq_error(y.to(device, torch.float32), target.to(device, torch.float32), skip_first))
             if keep_outputs:
                 outs.append(y)
-        return total / norm, outs
+        return distributed.all_reduce_scalar(total) / norm, outs
 
     saved()
     before, outs = evaluate(keep_outputs=epochs == 0 or not params)
@@ -150,15 +153,17 @@ def _refine(layer, params, dtype, storage_dtype, calls, targets, start, *, epoch
         with torch.enable_grad():
             for _ in range(epochs):
                 for j in torch.randperm(len(pieces), generator=generator).tolist():
-                    call, target = pieces[j]
-                    loss = _sq_error(run(call), target.to(device, torch.float32), skip_first) / norm
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    for call, target in pieces[j]:
+                        loss = _sq_error(run(call), target.to(device, torch.float32), skip_first) / norm
+                        loss.backward()
+                    distributed.sum_gradients(params)  # the whole step's gradient on every process
                     optimizer.step()
                     steps += 1
         for p, flag in flags.items():
             p.requires_grad_(flag)
         del optimizer
+        distributed.broadcast_parameters(params)
         saved()
         after, outs = evaluate(keep_outputs=True)
         if not after <= before:  # a step size too large for this layer: never hand on a worse layer

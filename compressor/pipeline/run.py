@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compressor.io.checkpoint import publish
 from compressor.io.load import load_model
+from compressor.pipeline import distributed
 from compressor.pipeline.compression import compress_model
 from compressor.pipeline.journal import Journal, fault, run_identity
 from compressor.pipeline.result import calibration_data
@@ -91,9 +92,11 @@ def run(job: CompressJob) -> dict:
     t0 = time.perf_counter()
     batches, calib_info = calibration_data(tok, recipe, loaded_texts=job.calib_texts)
     timings["calibration_data"] = time.perf_counter() - t0
-    journal = Journal.open(job.out, run_identity(recipe, job.source, batches, device=job.device, dtype=job.dtype,
-                                                 low_memory=job.low_memory), resume=job.resume,
-                           storage_dtype=storage, layers=len(find_decoder_layers(model)[1]))
+    identity = run_identity(recipe, job.source, batches, device=job.device, dtype=job.dtype, low_memory=job.low_memory)
+    # (under torchrun rank 0 alone keeps it, the others take part: compressor/pipeline/distributed.py)
+    journal = distributed.sharded_journal(lambda: Journal.open(
+        job.out, identity, resume=job.resume, storage_dtype=storage, layers=len(find_decoder_layers(model)[1])),
+        batches.shape[0])
 
     def report_for(result):
         """The report and its files, from the compressed model (one builder for both paths)."""
@@ -128,6 +131,8 @@ def run(job: CompressJob) -> dict:
             ppl["after"] = evaluate_in_memory(model, tok, job.eval_data, seqlen, job.device, job.eval_max_windows,
                                               job.show_progress, "after")
             timings["eval_after"] = time.perf_counter() - t0
+        if not distributed.is_writer():  # under torchrun rank 0 alone writes the output and the report
+            return {}
 
         # 5. write and 6. report (the report records the save time, so it is rendered while the output is written),
         # beside the output; published once the bytes written are checked against the report and the size asked

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressor.pipeline import distributed
 from compressor.pipeline.stats import StatsCollector
 from compressor.pipeline.targets import find_decoder_layers, layers_detached
 
@@ -247,7 +248,10 @@ def run_sequential(
     source = LayerSource(layers, device, offload, layer_io, writes=not read_only)
     source.send_home()
 
-    arguments = capture_layer_calls(model, layers, batches, device=device, offload=offload, batch_size=batch_size)
+    # Under torchrun each process calibrates and propagates its share of the windows (compressor/pipeline/distributed.py).
+    distributed.set_chunk(batch_size)
+    arguments = capture_layer_calls(model, layers, distributed.shard(batches), device=device, offload=offload,
+                                    batch_size=batch_size)
     calls = arguments.first()
     # The dense model's own activations, kept beside the compressed ones only when something asks for them.
     dense_wanted = "cross" in needs or (refine is not None and refine_target == "dense")
@@ -275,6 +279,7 @@ def run_sequential(
             outs, dense_outs = _calibrate(layer, calls, dense_calls, collector, targets, device, offload)
         finally:
             collector.remove()
+        distributed.all_reduce_stats(collector.stats)  # sums over every process's windows
         if targets:
             groups = _groups_in_call_order(collector, targets) if granularity == "group" else [list(targets)]
             for g, names in enumerate(groups):
@@ -286,6 +291,7 @@ def run_sequential(
                                    dense_twin=twin)
                     finally:
                         collector.remove()
+                    distributed.all_reduce_stats(collector.stats)
                 on_layer(index, collector.restricted(names) if len(groups) > 1 else collector)
                 del collector  # its Grams and kept inputs are dead weight from here on
                 collector = None

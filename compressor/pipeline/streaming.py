@@ -40,6 +40,7 @@ from compressor.errors import UserError
 from compressor.io.checkpoint import (CONFIG_NAME, INDEX_NAME, atomic_output_dir, check_destination, publish,
                                       write_checkpoint)
 from compressor.io.load import check_finite, checkpoint_dtype, resolve_dtype
+from compressor.pipeline import distributed
 from compressor.pipeline.compression import compress_model
 from compressor.pipeline.journal import fault
 from compressor.pipeline.result import calibration_data
@@ -127,6 +128,8 @@ class LazyLayers:
 
     def resume(self, done: int) -> None:
         """Layers 0..done-1 were written by an interrupted run into this output directory: take their shards."""
+        if not distributed.is_writer():  # under torchrun rank 0 alone writes the output
+            return
         for index in range(done):
             name = self.shard_name(index)
             with safe_open(self.out_dir / name, framework="pt") as f:
@@ -151,6 +154,8 @@ class LazyLayers:
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         name = self.shard_name(shard)
+        if not distributed.is_writer():  # (every rank holds the same layer: rank 0 alone writes it)
+            return
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.out_dir / name),
                   metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(tensors, name))
