@@ -4,7 +4,8 @@ parameters actually kept, bytes of the weights, clamps, skipped targets with the
 Two ratios per target and in total: `param_ratio` (parameters kept — what papers compare; a quantised weight counts
 as one) and `size_ratio` (stored bytes of everything the checkpoint holds for the target — factors, codes, scales,
 zero points, sparse values and positions — over the same linear stored dense in the checkpoint's dtype). The
-bytes come from the tensors written (compressor.nn.modules.stored_bytes), so they sum to the safetensors' sizes."""
+bytes come from the tensors written (compressor.nn.modules.stored_bytes; each tensor once, a tied head being its
+embedding), so they sum to the safetensors' tensor data, which `lrc compress` checks before publishing its output."""
 
 from __future__ import annotations
 
