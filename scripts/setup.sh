@@ -26,7 +26,7 @@ PIP=("$VENV/bin/pip" --quiet --disable-pip-version-check --no-input)
 # A newer pip is nice to have, not needed: an offline or pinned index must not stop the setup.
 "${PIP[@]}" install --upgrade pip </dev/null || echo "setup: could not upgrade pip; going on with $("$VENV/bin/pip" --version)"
 
-# torch first, pinned. lrc only asks for torch>=2.4, and an unpinned resolve takes the newest torch from PyPI:
+# torch first, pinned. lrc only asks for torch>=2.6, and an unpinned resolve takes the newest torch from PyPI:
 # on Linux that is the CUDA build, several GB of wheels. The development machines and CI keep the CPU wheel of
 # torch 2.13.0 on disk (pip's find-links), which this pin selects; a CUDA machine sets LRC_TORCH_SPEC instead.
 # Word splitting of the spec is intended, so it can carry pip options such as --index-url.
