@@ -100,7 +100,8 @@ def test_two_processes_equal_one(tiny_fp32, tmp_path, flags):
     ("-r", "lowrank-20"),  # block refinement: gradients summed over the processes
     ("--target-size", "0.4"),  # auto: the planning pass and the byte-budget plan
     ("-r", "fwsvd-20"),  # the Fisher pass
-], ids=["eora-4bit", "lowrank-20", "target-size", "fwsvd"])
+    ("-r", "svd-llm-20", "--low-memory"),  # layers read from disk by every process, rank 0 writes the shards
+], ids=["eora-4bit", "lowrank-20", "target-size", "fwsvd", "low-memory"])
 def test_two_processes_equal_one_slow(tiny_fp32, tmp_path, flags):
     one, two = _both(tiny_fp32, tmp_path / "w", *flags)
     assert_same_output(one, two)
