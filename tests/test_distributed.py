@@ -172,3 +172,15 @@ def test_one_process_never_touches_torch_distributed(tiny_fp32, tmp_path, monkey
     assert distributed.pieces([8, 3], 4) == [[(0, 0, 4)], [(0, 4, 8)], [(1, 0, 3)]]
     assert distributed.owners({"a": ["a"], "b": ["b", "c"]}, {n: torch.nn.Linear(4, 8) for n in "abc"}, 2) == \
         {"b": 0, "a": 1}
+
+
+def test_collective_timeout_must_be_positive(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli import app
+
+    result = CliRunner().invoke(app, ["compress", "x", "-o", str(tmp_path / "o"), "-r", "svd-llm-20",
+                                      "--collective-timeout", "-1"])
+    assert result.exit_code == 2
+    assert "--collective-timeout must be a positive number of seconds" in result.output
+    assert not list(tmp_path.iterdir())

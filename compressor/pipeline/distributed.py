@@ -118,12 +118,12 @@ def _stopped_by_launcher(signum, frame):
 def session(*, timeout: float | None = None, device: str = "cpu"):
     """Around one CLI command: pins the GPU of this process, sets the collective timeout, waits for every process
     at the end (rank 0 writes last), and prints a collective's failure as one line (exit code 1)."""
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--collective-timeout must be a positive number of seconds, got {timeout:g}")
     if not active():
         yield
         return
     if timeout is not None:
-        if not timeout > 0:
-            raise UserError(f"--collective-timeout must be a positive number of seconds, got {timeout:g}")
         _world.timeout = float(timeout)
     if device.startswith("cuda"):
         if device != "cuda":
