@@ -67,7 +67,7 @@ def launch(model: str, recipe: str, procs: int, device: str, threads: int, extra
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{procs} processes failed:\n{proc.stderr[-4000:]}")
-        timings = json.loads((out / "report.json").read_text())["timings"]
+        timings = json.loads((out / "report.json").read_text())["timings_seconds"]
         ranks = [json.loads(Path(f"{record}.rank{r}.json").read_text()) for r in range(procs)]
     return {"procs": procs, "launch_wall": wall, "timings": timings, "ranks": ranks}
 
@@ -114,7 +114,7 @@ def main() -> None:
                       f"{t.get('decomposition', 0):.1f}", f"{wall:.1f}", memory,
                       f"{base['compress_total'] / t['compress_total']:.2f}×",
                       f"{base['statistics'] / max(t['statistics'], 1e-9):.2f}×", f"{base_wall / wall:.2f}×")
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     console.print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
