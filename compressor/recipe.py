@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -72,12 +72,24 @@ class Refinement(Strict):
 
 class Allocation(Strict):
     energy: float = Field(0.95, gt=0, le=1, description="`energy`: kept fraction of each matrix's spectral energy")
-    # `global`: weigh each module's output error raw (default: lower PPL on the demo model at 20% and 40%) or
-    # relative to ‖W X‖².
-    # `loss`: weigh each module's output error by the mean squared LM-loss gradient of its outputs (a Fisher /
-    # Gauss-Newton estimate of the loss increase, commensurate across modules; one extra backward pass).
-    weight: Literal["raw", "relative", "loss"] = "raw"
+    # `global`: how errors of different modules are compared (compressor/budget/allocation.py). `raw`: as they
+    # are; `relative`: relative to each module's ‖W X‖²; `loss`: weighted by the mean squared LM-loss gradient of
+    # the module's outputs (a Fisher / Gauss-Newton estimate of the loss increase; one extra backward pass).
+    # None: the method's default, `default_weight`.
+    weight: Optional[Literal["raw", "relative", "loss"]] = None
     min_rank: int = Field(1, gt=0, description="`global`: floor on every module's rank")
+
+    def weight_for(self, method: str) -> str:
+        """The weight `global` uses with the method named `method`: the recipe's, else `default_weight`."""
+        return self.weight if self.weight is not None else self.default_weight(registry.get(method))
+
+    @staticmethod
+    def default_weight(method: registry.Method) -> str:
+        """`loss` where the method's errors are output errors (svd-llm's spectrum, a byte budget's candidates),
+        else `relative`. Never `raw`: raw output errors grow with depth (the residual stream grows), so comparing
+        them spends the budget on the last layers (SmolLM2, svd-llm-40: perplexity 1331 against 151.8 uniform;
+        docs/methods.md has the figures)."""
+        return "loss" if method.choices is not None or method.spectrum_units == "output" else "relative"
 
 
 class Recipe(Strict):
@@ -131,7 +143,9 @@ class Recipe(Strict):
             except ValidationError:
                 pass  # not settable next to the recipe's own choices
         ordered = {k: filled[k] for k in resolved if k in filled}
-        return self.model_copy(update={"options": ordered})
+        weight = self.allocation_options.weight_for(self.method)  # the default, written out
+        return self.model_copy(update={"options": ordered,
+                                       "allocation_options": self.allocation_options.model_copy(update={"weight": weight})})
 
 
 def builtin_names() -> list[str]:

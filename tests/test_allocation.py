@@ -200,7 +200,7 @@ def test_loss_weight_spends_exactly_the_budget_and_follows_the_output_gradients(
     layer_targets, statistics, fisher = two_module_case(h)
     method = registry.get("svd-llm")
     loss = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=loss"])
-    raw = load_recipe("svd-llm-20", ["allocation=global"])
+    raw = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=raw"])
     options = loss.method_options()
     by_loss = {n: r for n, (r, _) in allocate_ranks(loss, method, options, layer_targets, statistics, fisher).items()}
     by_raw = {n: r for n, (r, _) in allocate_ranks(raw, method, options, layer_targets, statistics).items()}
@@ -225,7 +225,8 @@ def test_loss_weighted_global_allocation_end_to_end():
     batches = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     recipe = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=loss"])
     result = api.compress(tiny_llama(), recipe, batches=batches)
-    raw = api.compress(tiny_llama(), load_recipe("svd-llm-20", ["allocation=global"]), batches=batches)
+    raw = api.compress(tiny_llama(), load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=raw"]),
+                       batches=batches)
     assert "fisher" in result.timings and "allocation" in result.timings
     before = sum(r.params_before for r in result.modules)
     assert sum(r.params_after for r in result.modules) <= 0.8 * before
@@ -238,3 +239,65 @@ def test_loss_weighted_global_allocation_end_to_end():
     stats = api.collect_statistics(tiny_llama(), batches, [dense])
     with pytest.raises(ValueError, match="needs calibration `batches`"):
         api.compress(tiny_llama(), dense, statistics=stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the default weight (issue 24, item 3): raw output errors grow with depth and ruined SmolLM2 (tests/test_smollm2.py)
+
+
+@pytest.mark.parametrize("recipe,expected", [("svd-llm-40", "loss"), ("auto", "loss"), ("svd-20", "relative"),
+                                             ("asvd-20", "relative"), ("fwsvd-20", "relative")])
+def test_unset_weight_is_loss_for_output_errors_and_relative_otherwise(recipe, expected):
+    from compressor.budget.allocation import allocation_weight
+
+    recipe = load_recipe(recipe, ["allocation=global", "allocation_options.weight=null"])  # auto's sets loss
+    assert recipe.allocation_options.weight is None  # unset: the method decides
+    assert allocation_weight(recipe) == expected
+    assert allocation_weight(load_recipe("svd-llm-40", ["allocation=energy"])) is None  # compares nothing
+    explicit = load_recipe("svd-llm-40", ["allocation=global", "allocation_options.weight=raw"])
+    assert allocation_weight(explicit) == "raw"  # asked for: kept
+
+
+def test_recipes_show_writes_the_default_weight_out():
+    from tests.helpers import run
+
+    for name, weight in (("svd-llm-40", "loss"), ("svd-20", "relative")):
+        shown = run("recipes", "show", name)
+        assert shown.exit_code == 0 and f"  weight: {weight}\n" in shown.output
+        assert "weight: raw" not in shown.output and "weight: null" not in shown.output
+
+
+def test_default_global_runs_the_fisher_pass_and_the_report_names_the_weight(tmp_path, capsys):
+    from tests.test_bytes import compress_and_save
+
+    result, report = compress_and_save("svd-llm-20", tmp_path / "out", ["allocation=global"])
+    assert "fisher" in result.timings and report["allocation_weight"] == "loss"
+    assert "allocation: global (errors weighted loss)" in (tmp_path / "out" / "report.md").read_text()
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_explicit_raw_over_output_errors_runs_with_one_warning_line(capsys):
+    batches = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    recipe = load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=raw"])
+    result = api.compress(tiny_llama(), recipe, batches=batches)
+    assert "fisher" not in result.timings  # raw: no Fisher pass
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "weight 'raw'" in lines[0] and "residual stream" in lines[0], err
+    # relative (any method) and raw over weight errors (svd) say nothing
+    api.compress(tiny_llama(), load_recipe("svd-llm-20", ["allocation=global", "allocation_options.weight=relative"]),
+                 batches=batches)
+    api.compress(tiny_llama(), load_recipe("svd-20", ["allocation=global", "allocation_options.weight=raw"]),
+                 batches=batches)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_explicit_raw_byte_budget_warns_before_any_work(capsys):
+    from compressor.budget.allocation import validate_allocation
+
+    auto = registry.get("auto")
+    validate_allocation(load_recipe("auto", ["allocation_options.weight=raw"]), auto)
+    assert capsys.readouterr().err.startswith("warning: allocation 'global' with weight 'raw'")
+    validate_allocation(load_recipe("auto"), auto)
+    validate_allocation(load_recipe("auto", ["allocation_options.weight=raw"]), auto, warn=False)
+    assert capsys.readouterr().err == ""

@@ -37,7 +37,7 @@ def _watch_grams(monkeypatch):
 @pytest.mark.parametrize("allocation", ["energy", "global"])
 def test_dense_input_allocation_holds_one_layers_statistics_and_matches_kept_statistics(
         monkeypatch, tiny_model, calib_ids, allocation):
-    overrides = [f"allocation={allocation}", "sequential.inputs=dense"]
+    overrides = [f"allocation={allocation}", "sequential.inputs=dense", "allocation_options.weight=relative"]
     if allocation == "energy":
         overrides.append("allocation_options.energy=0.9")
     recipe = load_recipe("svd-llm-20", overrides)

@@ -96,7 +96,7 @@ def test_streamed_output_equals_the_in_memory_output(tmp_path, tiny_model, calib
 @pytest.mark.parametrize("recipe_name,visits", [
     ("svd-llm-20", [0, 1, 2, 3, 4]),
     ("fwsvd-20", [0, 1, 2, 3, 4, 4, 3, 2, 1, 0] + [0, 1, 2, 3, 4]),  # Fisher pass forward, backward; then compress
-    ("svd-llm-40 allocation=global", [0, 1, 2, 3, 4] * 2),  # the planning pass, then compress
+    ("svd-llm-40 allocation=global allocation_options.weight=relative", [0, 1, 2, 3, 4] * 2),  # planning, compress
 ])
 def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_ids, monkeypatch, recipe_name, visits):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -6,9 +6,12 @@ rank (for svd-llm: the output error on the calibration inputs). `energy` keeps a
 summed for a fixed rank) where it removes the most error. Seconds after the statistics exist.
 
 What `global` compares across modules (`allocation_options.weight`), and which spectra allow it (the method's
-`spectrum_units`, compressor/registry.py):
-- `raw`: the errors as they are. Meaningful for "output" (‖ΔW X‖²) and "weight" (‖ΔW‖²) units; refused for
-  "scaled" spectra (ASVD, FWSVD normalise their scaling per module, so their scale is arbitrary per module).
+`spectrum_units`, compressor/registry.py). Unset, the weight is `loss` for output errors (svd-llm, a byte budget)
+and `relative` otherwise (recipe.Allocation.default_weight):
+- `raw`: the errors as they are. Refused for "scaled" spectra (ASVD, FWSVD normalise their scaling per module, so
+  their scale is arbitrary per module); allowed with a warning for "output" (‖ΔW X‖²) units: the inputs X of
+  deeper layers carry the grown residual stream, so raw output errors there are larger for the same damage and
+  the budget drains into the last layers (SmolLM2, svd-llm-40: perplexity 1331 against 151.8 uniform).
 - `relative`: each error relative to the module's total Σσ² (‖W X‖² for svd-llm); scale-free, any method.
 - `loss`: each output error in units of LM loss (Gauss-Newton / Fisher): with h_i = Σ_t (∂L/∂y_ti)² from the
   Fisher pass (compressor/pipeline/fisher.py), the loss increase of an output error E = ΔW X is ≈ ½ Σ_t Σ_i h_ti E_ti²
@@ -22,6 +25,7 @@ What `global` compares across modules (`allocation_options.weight`), and which s
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import torch
@@ -32,20 +36,23 @@ from compressor.budget.rank import allocate_energy, allocate_global, predicted_r
 from compressor.registry import SPECTRUM_UNITS
 
 
-def validate_allocation(recipe, method) -> None:
-    """Refuse, before any calibration work, an allocation that `method`'s spectrum cannot support."""
+def validate_allocation(recipe, method, *, warn: bool = True) -> None:
+    """Refuse, before any calibration work, an allocation that `method`'s spectrum cannot support; with `warn`,
+    say in one line on stderr why an explicit `weight: raw` over output errors is risky (the user asked for it)."""
     if recipe.allocation == "uniform":
         return
     if method.choices is not None:  # a byte budget over encodings (compressor/budget/byte_budget.py): output-error units
         if recipe.allocation != "global":
             raise UserError(f"'{method.name}' spends a byte budget across targets with allocation 'global'; "
                             f"'{recipe.allocation}' is for low-rank methods")
+        if warn and allocation_weight(recipe, method) == "raw":
+            print(f"warning: {RAW_OUTPUT_RISK}", file=sys.stderr)
         return
     if not method.factorizes or method.spectrum is None:
         raise UserError(f"allocation '{recipe.allocation}' needs a low-rank method; '{method.name}' has no rank to allocate")
     if recipe.allocation != "global":
         return  # energy: a fraction of each module's own spectrum, free of its scale
-    weight = recipe.allocation_options.weight
+    weight = allocation_weight(recipe, method)
     if weight == "raw" and method.spectrum_units == "scaled":
         raise UserError(f"allocation 'global' with weight 'raw' compares singular values across modules, but "
                         f"'{method.name}' scales each module's spectrum arbitrarily; set "
@@ -53,6 +60,14 @@ def validate_allocation(recipe, method) -> None:
     if weight == "loss" and method.spectrum_units != "output":
         raise UserError(f"allocation weight 'loss' needs a spectrum of output errors (svd-llm); '{method.name}' "
                         f"gives a {SPECTRUM_UNITS[method.spectrum_units]}; set allocation_options.weight: relative")
+    if warn and weight == "raw" and method.spectrum_units == "output":
+        print(f"warning: {RAW_OUTPUT_RISK}", file=sys.stderr)
+
+
+# Why `weight: raw` over output errors is allowed only when asked for, and then with this line.
+RAW_OUTPUT_RISK = ("allocation 'global' with weight 'raw' compares output errors across depths, where the grown "
+                   "residual stream inflates them: it can starve the first layers (SmolLM2, svd-llm-40: "
+                   "perplexity 1331 against 151.8 uniform); weight 'loss' (the default) compares their effect on the loss")
 
 
 def _budget(shapes: dict, options) -> int:
@@ -96,9 +111,10 @@ class Spectra:
     after `add_layer`), then `allocate()` over all of them."""
 
     def __init__(self, recipe, method, options, layer_targets, fisher=None):
-        validate_allocation(recipe, method)
+        validate_allocation(recipe, method, warn=False)  # the run said it once, before calibration
         self.recipe, self.method, self.options, self.layer_targets = recipe, method, options, layer_targets
-        self.by_loss = needs_output_gradients(recipe)
+        self.weight = allocation_weight(recipe, method)
+        self.by_loss = self.weight == "loss"
         if self.by_loss and fisher is None:
             raise ValueError("allocation weight 'loss' needs the Fisher pass (compressor.pipeline.fisher.collect_fisher)")
         self.scales = loss_weights(fisher, [n for t in layer_targets for n in t]) if self.by_loss else {}
@@ -130,7 +146,7 @@ class Spectra:
             ranks = allocate_global(self.weighted, shapes, _budget(shapes, self.options), weight="raw",
                                     min_rank=opts.min_rank)
         else:
-            ranks = allocate_global(spectra, shapes, _budget(shapes, self.options), weight=opts.weight,
+            ranks = allocate_global(spectra, shapes, _budget(shapes, self.options), weight=self.weight,
                                     min_rank=opts.min_rank)
         ranks = {name: round_rank(r, getattr(self.options, "rank_multiple", None)) for name, r in ranks.items()}
         return {
@@ -144,12 +160,20 @@ class Spectra:
         element = (self.options.dense_bits or 16) // 8
         budget = self.options.size_ratio * sum(m * n * element for m, n in self.shapes.values())
         offered = self.choices
-        if self.recipe.allocation_options.weight == "relative":  # errors relative to each target's ‖W X‖²
+        if self.weight == "relative":  # errors relative to each target's ‖W X‖²
             offered = {name: [replace(c, error=c.predicted ** 2) for c in cs] for name, cs in offered.items()}
         chosen = allocate_bytes(offered, budget)
         return {name: (c.encoding, c.predicted) for name, c in chosen.items()}
 
 
+def allocation_weight(recipe, method=None) -> str | None:
+    """The weight `global` compares errors with (the recipe's, else the method's default); None for `uniform` and
+    `energy`, which compare nothing across modules."""
+    if recipe.allocation != "global":
+        return None
+    return recipe.allocation_options.weight_for(method.name if method is not None else recipe.method)
+
+
 def needs_output_gradients(recipe) -> bool:
     """Whether rank allocation needs the Fisher pass's output gradients (`global` with `weight: loss`)."""
-    return recipe.allocation == "global" and recipe.allocation_options.weight == "loss"
+    return allocation_weight(recipe) == "loss"

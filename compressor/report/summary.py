@@ -101,7 +101,8 @@ def build_report(result, *, model_source: str, params_before: int, params_after:
         "method": result.recipe.method,
         "options": result.recipe.method_options().model_dump(),
         "allocation": result.recipe.allocation,
-        "allocation_weight": result.recipe.allocation_options.weight if result.recipe.allocation == "global" else None,
+        "allocation_weight": (result.recipe.allocation_options.weight_for(result.recipe.method)  # unset: the default
+                              if result.recipe.allocation == "global" else None),
         "sequential_inputs": result.recipe.sequential.inputs,
         "sequential_granularity": result.recipe.sequential.granularity,
         "refinement": [r.to_dict() for r in getattr(result, "refinement", [])],
