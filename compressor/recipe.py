@@ -86,9 +86,9 @@ class Allocation(Strict):
     @staticmethod
     def default_weight(method: registry.Method) -> str:
         """`loss` where the method's errors are output errors (svd-llm's spectrum, a byte budget's candidates),
-        else `relative`. Never `raw`: raw output errors grow with depth (the residual stream grows), so comparing
-        them spends the budget on the last layers (SmolLM2, svd-llm-40: perplexity 1331 against 151.8 uniform;
-        docs/methods.md has the figures)."""
+        else `relative`. Never `raw`: raw output errors are on different scales at different depths (the residual
+        stream grows) and say nothing of their effect on the loss (SmolLM2, svd-llm-40: perplexity 1331 against
+        151.8 uniform; docs/methods.md has the figures)."""
         return "loss" if method.choices is not None or method.spectrum_units == "output" else "relative"
 
 

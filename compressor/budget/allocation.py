@@ -9,9 +9,9 @@ What `global` compares across modules (`allocation_options.weight`), and which s
 `spectrum_units`, compressor/registry.py). Unset, the weight is `loss` for output errors (svd-llm, a byte budget)
 and `relative` otherwise (recipe.Allocation.default_weight):
 - `raw`: the errors as they are. Refused for "scaled" spectra (ASVD, FWSVD normalise their scaling per module, so
-  their scale is arbitrary per module); allowed with a warning for "output" (‖ΔW X‖²) units: the inputs X of
-  deeper layers carry the grown residual stream, so raw output errors there are larger for the same damage and
-  the budget drains into the last layers (SmolLM2, svd-llm-40: perplexity 1331 against 151.8 uniform).
+  their scale is arbitrary per module); allowed with a warning for "output" (‖ΔW X‖²) units: the activations
+  grow with depth (the residual stream), so equal raw errors at different depths are not equal damage
+  (SmolLM2, svd-llm-40: perplexity 1331 against 151.8 uniform).
 - `relative`: each error relative to the module's total Σσ² (‖W X‖² for svd-llm); scale-free, any method.
 - `loss`: each output error in units of LM loss (Gauss-Newton / Fisher): with h_i = Σ_t (∂L/∂y_ti)² from the
   Fisher pass (compressor/pipeline/fisher.py), the loss increase of an output error E = ΔW X is ≈ ½ Σ_t Σ_i h_ti E_ti²
@@ -65,9 +65,9 @@ def validate_allocation(recipe, method, *, warn: bool = True) -> None:
 
 
 # Why `weight: raw` over output errors is allowed only when asked for, and then with this line.
-RAW_OUTPUT_RISK = ("allocation 'global' with weight 'raw' compares output errors across depths, where the grown "
-                   "residual stream inflates them: it can starve the first layers (SmolLM2, svd-llm-40: "
-                   "perplexity 1331 against 151.8 uniform); weight 'loss' (the default) compares their effect on the loss")
+RAW_OUTPUT_RISK = ("allocation 'global' with weight 'raw' compares output errors across depths, whose scale grows "
+                   "with the residual stream (SmolLM2, svd-llm-40: perplexity 1331 against 151.8 uniform); weight "
+                   "'loss' (the default) compares their effect on the loss")
 
 
 def _budget(shapes: dict, options) -> int:
