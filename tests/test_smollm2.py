@@ -110,8 +110,8 @@ def test_target_size_beats_each_single_encoding_of_its_size(smol):
 def test_global_allocation_with_its_default_weight_is_no_worse_than_uniform(smol, cut):
     """Issue 24, item 3: `allocation: global` with the default weight (`loss` for svd-llm's output errors) at or below
     uniform ranks at the same parameter budget. With `weight: raw` the issue measured 1331 against 151.8 at 40 %:
-    raw output errors grow with depth. Measured at 40 % (docs/benchmarks.md, 2026-11-30, 64×256 calibration, 40
-    windows): uniform 136.3, global-loss 127.6 (0.936×); 20 % not measured before this test was written (see
-    docs/methods.md), so no slack is allowed at either budget."""
+    raw output errors grow with depth. Measured (64×256 calibration, 40 windows): 40 %: uniform 136.3, global 127.6
+    (0.936×, docs/benchmarks.md 2026-11-30; uniform again 136.25 on 2026-12-02); 20 %: uniform 80.5, global 71.6
+    (0.889×, 2026-12-02). The bound leaves 3 % of the smaller gain."""
     _, ppl = smol
-    assert ppl(f"svd-llm-{cut}", "allocation=global") <= ppl(f"svd-llm-{cut}")
+    assert ppl(f"svd-llm-{cut}", "allocation=global") <= 0.97 * ppl(f"svd-llm-{cut}")
