@@ -97,7 +97,7 @@ def test_8_bit_factors_beat_16_bit_factors_at_equal_bytes(smol, cut, bound):
 
 
 def test_target_size_beats_each_single_encoding_of_its_size(smol):
-    """Issue 14: `--target-size 0.4` (recipe auto: one loss-weighted byte budget) against the single encodings that
+    """Issue 14: recipe auto at size_ratio 0.4 (one loss-weighted byte budget; the targets' bytes, not `--target-size`) against the single encodings that
     can be set to 0.4× the bf16 bytes. Measured on the bf16 copy (2026-11-30, scripts/bench_pareto.py protocol):
     auto 43.20; GPTQ act-order 4-bit + EoRA rank 48 (0.400×) 44.15; svd-llm with 8-bit factors (0.399×) 84.3."""
     _, ppl = smol
