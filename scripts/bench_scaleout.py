@@ -92,6 +92,8 @@ def main() -> None:
     if args.nsamples:
         extra += ["--nsamples", str(args.nsamples)]
     load_before = os.getloadavg()
+    if Path(args.model).exists():  # the workers run elsewhere: a local path must not depend on this cwd
+        args.model = str(Path(args.model).resolve())
     rows = [launch(args.model, args.recipe, n, args.device, args.threads, extra) for n in args.procs]
     load_after = os.getloadavg()
 
