@@ -40,3 +40,15 @@ def chunk_fisher_reference(model, ids, name: str, chunk: int):
         (grad,) = torch.autograd.grad(loss, W)
         sq += grad.double().square()
     return sq
+
+
+class Crash(Exception):
+    """What `crash_after` raises: an interruption the resume tests can tell from a real error."""
+
+
+def crash_after(layer: int):
+    """A `progress` callback that interrupts a run once decoder layer `layer` is done."""
+    def progress(index):
+        if index == layer:
+            raise Crash
+    return progress

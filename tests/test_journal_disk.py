@@ -27,22 +27,13 @@ from compressor.pipeline import journal as journal_module
 from compressor.pipeline.journal import Journal, journal_bytes, partial_dir, run_identity
 from compressor.recipe import load_recipe
 
+from helpers import Crash, crash_after as _crash_after
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CALIB = ["calibration.nsamples=4", "calibration.seqlen=16"]
 IDENTITY = {"recipe": "r", "model": "m", "calibration data": "c", "device": "cpu", "dtype": "auto", "mode": "x"}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_after(layer: int):
-    def progress(index):
-        if index == layer:
-            raise Crash
-    return progress
 
 
 # ---------------------------------------------------------------- 1. finished layers in the checkpoint's dtype

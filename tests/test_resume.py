@@ -10,21 +10,12 @@ from compressor.errors import UserError
 from compressor.pipeline.journal import Journal, partial_dir
 from compressor.recipe import load_recipe
 
+from helpers import Crash, crash_after as _crash_after
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CALIB = ["calibration.nsamples=4", "calibration.seqlen=16"]
 IDENTITY = {"recipe": "r", "model": "m", "calibration data": "c", "device": "cpu", "dtype": "auto", "mode": "x"}
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_after(layer: int):
-    def progress(index):
-        if index == layer:
-            raise Crash
-    return progress
 
 
 def _state(model):
