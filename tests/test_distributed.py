@@ -107,18 +107,25 @@ def test_two_processes_equal_one_slow(tiny_fp32, tmp_path, flags):
     assert_same_output(one, two)
 
 
-def test_a_killed_rank_ends_the_run_and_resume_finishes_it(tiny_fp32, tmp_path):
-    flags = ("-r", "svd-llm-20", "--collective-timeout", str(TIMEOUT))
+def _killed_beside_reference(model, tmp_path, flags, fault: str):
+    """A one-process reference run to `ref`, and beside it a 2-process run to `out` whose rank 1 is SIGKILLed at
+    the fault point `fault`; returns (ref, out, the killed run, its seconds)."""
     ref, out = tmp_path / "ref" / "out", tmp_path / "run" / "out"
     ref.parent.mkdir()
     out.parent.mkdir()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reference = pool.submit(_compress, tiny_fp32, ref, *flags)
+        reference = pool.submit(_compress, model, ref, *flags)
         t0 = time.monotonic()
-        # rank 1 dies (SIGKILL) once its part of layer 0's journal entry is sent; rank 0 must not wait for it
-        killed = _compress(tiny_fp32, out, *flags, procs=2, env={**THREADS, "LRC_FAULT": "rank1:after-layer:1"})
+        killed = _compress(model, out, *flags, procs=2, env={**THREADS, "LRC_FAULT": f"rank1:{fault}"})
         elapsed = time.monotonic() - t0
         assert reference.result().returncode == 0
+    return ref, out, killed, elapsed
+
+
+def test_a_killed_rank_ends_the_run_and_resume_finishes_it(tiny_fp32, tmp_path):
+    flags = ("-r", "svd-llm-20", "--collective-timeout", str(TIMEOUT))
+    # rank 1 dies (SIGKILL) once its part of layer 0's journal entry is sent; rank 0 must not wait for it
+    ref, out, killed, elapsed = _killed_beside_reference(tiny_fp32, tmp_path, flags, "after-layer:1")
     assert killed.returncode != 0
     assert elapsed < TIMEOUT + 60, elapsed  # the launch itself takes ~20 s on a loaded 2-core machine
     assert not out.exists()
@@ -136,13 +143,7 @@ def test_a_killed_rank_ends_the_run_and_resume_finishes_it(tiny_fp32, tmp_path):
 @pytest.mark.slow
 def test_two_processes_resume_their_own_run(tiny_fp32, tmp_path):
     flags = ("-r", "lowrank-20", "--collective-timeout", str(TIMEOUT))
-    ref, out = tmp_path / "ref" / "out", tmp_path / "run" / "out"
-    ref.parent.mkdir()
-    out.parent.mkdir()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        reference = pool.submit(_compress, tiny_fp32, ref, *flags)
-        killed = _compress(tiny_fp32, out, *flags, procs=2, env={**THREADS, "LRC_FAULT": "rank1:after-layer:2"})
-        assert reference.result().returncode == 0
+    ref, out, killed, _ = _killed_beside_reference(tiny_fp32, tmp_path, flags, "after-layer:2")
     assert killed.returncode != 0 and not out.exists()
     resumed = _compress(tiny_fp32, out, *flags, "--resume", procs=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
