@@ -93,9 +93,10 @@ def run(job: CompressJob) -> dict:
     batches, calib_info = calibration_data(tok, recipe, loaded_texts=job.calib_texts)
     timings["calibration_data"] = time.perf_counter() - t0
     identity = run_identity(recipe, job.source, batches, device=job.device, dtype=job.dtype, low_memory=job.low_memory)
+    n_layers = len(find_decoder_layers(model)[1])
     # (under torchrun rank 0 alone keeps it, the others take part: compressor/pipeline/distributed.py)
     journal = distributed.sharded_journal(lambda: Journal.open(
-        job.out, identity, resume=job.resume, storage_dtype=storage, layers=len(find_decoder_layers(model)[1])),
+        job.out, identity, resume=job.resume, storage_dtype=storage, layers=n_layers),
         batches.shape[0])
 
     def report_for(result):
@@ -112,7 +113,6 @@ def run(job: CompressJob) -> dict:
         plots = report_plots(report) if job.with_plots else {}
         return report, lambda r: final_write(render_markdown(r, plots=list(plots))), plots
 
-    n_layers = len(find_decoder_layers(model)[1])
     with journal.kept_on_failure():
         fault("before-layers")
         # 4. statistics / plan → layers: the layers of a --low-memory run are written to the journal's folder as
