@@ -233,16 +233,19 @@ def report(out):
 @app.command()
 @click.argument("out", type=click.Path())
 @click.option("--dense", is_flag=True, help="export a plain dense checkpoint")
+@click.option("--serving", is_flag=True,
+              help="what a serving engine reads: quantized modules packed in a compressed-tensors base (one config "
+                   "group per scheme) in OUTPUT/base, EoRA residuals as a PEFT LoRA adapter in OUTPUT/adapter, "
+                   "low-rank modules made dense (needs pip install 'lrc[export]')")
 @click.option("--quantized-adapter", is_flag=True,
-              help="quantized outputs (rtn, gptq, eora): a compressed-tensors base in OUTPUT/base plus the EoRA "
-                   "residuals as a PEFT LoRA adapter in OUTPUT/adapter (needs pip install 'lrc[export]')")
+              help="--serving for outputs whose every module is quantized (rtn, gptq, eora)")
 @click.option("--output", "-o", required=True, type=click.Path(), help="destination directory (must not exist)")
 @click.option("--overwrite", is_flag=True, help="replace an existing destination checkpoint")
-def export(out, dense, quantized_adapter, output, overwrite):
+def export(out, dense, serving, quantized_adapter, output, overwrite):
     """Export the lrc checkpoint OUT in a standard format that loads without lrc."""
-    if dense == quantized_adapter:
-        raise UserError("pass --dense (a plain dense checkpoint) or --quantized-adapter (a compressed-tensors base "
-                        "plus a PEFT LoRA adapter), exactly one")
+    if dense + serving + quantized_adapter != 1:
+        raise UserError("pass --dense (a plain dense checkpoint), --serving (a compressed-tensors base plus a PEFT "
+                        "LoRA adapter) or --quantized-adapter (--serving for all-quantized outputs), exactly one")
     from compressor.io.preflight import check_output, export_bytes
 
     # Before loading anything: writable, allowed (--overwrite), room for it. The adapter export has its own rules
@@ -255,10 +258,15 @@ def export(out, dense, quantized_adapter, output, overwrite):
         path, count = export_dense(out, output, overwrite=overwrite)
         click.echo(f"wrote {path}/ ({count} compressed modules made dense; loads without lrc)")
         return
-    from compressor.io.export_adapter import export_quantized_with_adapter
+    from compressor.io.export_serving import export_serving
 
-    done = export_quantized_with_adapter(out, output, overwrite=overwrite)
-    base = f"wrote {done.base}/ ({done.quantized} quantized modules, compressed-tensors pack-quantized)"
+    done = export_serving(out, output, overwrite=overwrite, quantized_only=quantized_adapter)
+    base = (f"wrote {done.base}/ ({done.quantized} quantized modules, compressed-tensors pack-quantized, "
+            f"{done.groups} config group{'s' * (done.groups != 1)})")
+    if done.densified:
+        was, now = done.densified_bytes
+        click.echo(f"{done.densified} low-rank modules made dense (no serving format holds the factors): their "
+                   f"weights grow from {was:,} to {now:,} bytes")
     if done.adapter is None:
         click.echo(f"{base}; no EoRA residual in {out}, so no adapter: the base is the whole model")
     else:

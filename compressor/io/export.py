@@ -39,22 +39,30 @@ def _bias(module: nn.Module):
 
 
 @torch.no_grad()
+def dense_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """The nn.Linear equal to the compressed `module`: its `dense_weight()` (computed in fp64) rounded once to
+    `dtype`, and its bias."""
+    bias = _bias(module)
+    weight = module.dense_weight()
+    linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype,
+                       device=weight.device)
+    linear.weight.copy_(weight.to(dtype))
+    if bias is not None:
+        linear.bias.copy_(bias.to(dtype))
+    return linear
+
+
 def densify(model: nn.Module) -> int:
     """Swap every compressed module of `model` for an equivalent nn.Linear, in place; returns how many."""
-    dtype = model.dtype
     names = [name for name, m in model.named_modules() if isinstance(m, COMPRESSED_MODULES)]
     for name in names:
-        module = model.get_submodule(name)
-        bias = _bias(module)
-        weight = module.dense_weight()
-        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype,
-                           device=weight.device)
-        linear.weight.copy_(weight.to(dtype))
-        if bias is not None:
-            linear.bias.copy_(bias.to(dtype))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        replace_module(model, name, dense_linear(model.get_submodule(name), model.dtype))
     return len(names)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def export_dense(src, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "2GB") -> tuple[Path, int]:

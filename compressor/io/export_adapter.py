@@ -13,8 +13,8 @@ Layout of the destination:
              input dimension), `weight_scale` (out, groups) in the model dtype, `weight_shape`, and, for asymmetric
              modules, `weight_zero_point` (packed along the output dimension); its bias stays as is. config.json's
              `quantization_config` (quant_method "compressed-tensors") holds one config group per distinct (bits,
-             strategy, group_size, symmetric): `targets: ["Linear"]` with every other nn.Linear (e.g. a dense
-             lm_head) in `ignore` when there is one group, exact module names otherwise; plus `dequantize: true`
+             strategy, group_size, symmetric): `targets: ["Linear"]` when there is one group, exact module names
+             otherwise, with every other nn.Linear (e.g. a dense lm_head) in `ignore`; plus `dequantize: true`
              (see `_dequantize_on_load`: transformers unpacks the weights to the model dtype at load time — the
              file is b-bit, the loaded model is dense). Everything else (embeddings, norms, modules lrc left dense)
              is copied dense. Tokenizer files are copied here.
@@ -62,8 +62,7 @@ from torch import nn
 
 from compressor import quant
 from compressor.errors import UserError
-from compressor.io.export import copy_tokenizer_files, detach_lrc_quantizer
-from compressor.io.checkpoint import CONFIG_NAME, check_destination, atomic_output_dir, load_compressed, read_quantization_config
+from compressor.io.checkpoint import CONFIG_NAME, check_destination, read_quantization_config
 from compressor.nn.modules import QuantLinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -144,11 +143,11 @@ def _config_groups(schemes: dict[str, dict], linears: list[str]):
     if len(by_args) == 1:  # the usual llm-compressor form
         (args, _), = by_args.items()
         groups = {"group_0": {"targets": ["Linear"], "weights": dict(args)}}
-        ignore = [name for name in linears if name not in schemes]
     else:
         groups = {f"group_{i}": {"targets": sorted(names), "weights": dict(args)}
                   for i, (args, names) in enumerate(sorted(by_args.items()))}
-        ignore = []
+    # Named even when no group's targets match them: vLLM refuses a linear that is neither targeted nor ignored.
+    ignore = [name for name in linears if name not in schemes]
     for group in groups.values():
         group["format"] = "pack-quantized"
     return QuantizationConfig(config_groups=groups, format="pack-quantized", ignore=ignore,
@@ -189,41 +188,10 @@ def _write_adapter(folder: Path, lora: dict[str, torch.Tensor], ranks: dict[str,
 def export_quantized_with_adapter(src, dst, *, overwrite: bool = False,
                                   max_shard_size: int | str = "2GB") -> AdapterExport:
     """Write `dst/base/` (compressed-tensors, pack-quantized) and `dst/adapter/` (PEFT LoRA: the EoRA residuals)
-    from the quantized lrc output `src`. UserError for a non-quantized output or an unusable destination."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise UserError(f"export destination is the source checkpoint itself: {dst}")
-    _check_export_destination(dst, overwrite)
-    _refuse_unless_quantized(src)
-    try:
-        from compressed_tensors.compressors import ModelCompressor
-        import peft  # noqa: F401  (checked up front: fail before any work, not half way)
-    except ImportError as e:
-        raise UserError(f"--quantized-adapter needs the optional packages peft and compressed-tensors "
-                        f"(pip install 'lrc[export]'): {e}") from None
+    from the quantized lrc output `src`. UserError for a non-quantized output or an unusable destination.
+    compressor/io/export_serving.py's export, restricted to outputs whose every module is quantised."""
+    from compressor.io.export_serving import export_serving  # it builds on this module's helpers
 
-    model = load_compressed(src)
-    dtype = model.dtype
-    schemes, ranks, lora = {}, {}, {}
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
-        args, zero = _weight_args(module, name)
-        schemes[name] = args
-        if module.rank:
-            ranks[name] = module.rank
-            for part in ("lora_A", "lora_B"):
-                lora[f"base_model.model.{name}.{part}.weight"] = getattr(module, part).weight.detach().contiguous()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, _pack_module(module, args, zero, dtype))
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    compressor = ModelCompressor(quantization_config=_config_groups(schemes, linears))
-    detach_lrc_quantizer(model)
-    with atomic_output_dir(dst, overwrite) as tmp:
-        (tmp / "base").mkdir()
-        model.save_pretrained(tmp / "base", max_shard_size=max_shard_size)
-        compressor.update_config(tmp / "base")  # the library writes its own quantization_config
-        _dequantize_on_load(tmp / "base" / CONFIG_NAME)
-        copy_tokenizer_files(src, tmp / "base")
-        if ranks:
-            _write_adapter(tmp / "adapter", lora, ranks, dst.resolve() / "base")
-    return AdapterExport(path=dst, base=dst / "base", adapter=dst / "adapter" if ranks else None,
-                         quantized=len(schemes), residuals=len(ranks))
+    done = export_serving(src, dst, overwrite=overwrite, max_shard_size=max_shard_size, quantized_only=True)
+    return AdapterExport(path=done.path, base=done.base, adapter=done.adapter, quantized=done.quantized,
+                         residuals=done.residuals)

@@ -29,16 +29,23 @@ Predicted errors, ‖(W − Ŵ)X‖² on the dense calibration inputs (G = X X�
   one probe rank (factor quantisation noise is roughly a fixed fraction of what the factors carry).
 When no candidate fits the method raises a UserError: a budget lrc cannot meet is a one-line error, never a
 silent overshoot.
+
+`export: compressed-tensors` keeps only what `lrc export --serving` writes at the budgeted size (SERVABLE): GPTQ at
+any width (packed by compressed-tensors) and GPTQ+EoRA (the residual becomes a PEFT LoRA adapter); low-rank
+factors would be exported densified, larger than the budget paid for. The default candidates are narrowed to
+those; naming another is a one-line error, and so is a group size that does not divide a target's in_features
+(compressed-tensors has no ragged last group).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import cached_property
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor.budget.byte_budget import Choice
 from compressor.errors import UserError
@@ -57,13 +64,19 @@ ALL: tuple = Candidate.__args__
 DEFAULT: tuple = ALL
 LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}
 PROBE_SIZE = 0.4  # the size (fraction of dense bytes) at which quantised factors' noise is measured
+# What each `export` can hold at the budgeted bytes (compressor/io/export_serving.py).
+SERVABLE = {"compressed-tensors": tuple(name for name in ALL if name not in LOWRANK_BITS)}
 
 
 class AutoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size_ratio: float = Field(0.5, gt=0, lt=1, description="the targets' stored bytes / their dense bytes")
-    candidates: tuple[Candidate, ...] = Field(DEFAULT, min_length=1, description="encodings to choose from")
+    export: Optional[Literal["compressed-tensors"]] = Field(
+        None, description="only encodings that `lrc export --serving` writes at their budgeted size (the default "
+                          "candidates are narrowed to those)")
+    candidates: tuple[Candidate, ...] = Field(DEFAULT, min_length=1, validate_default=True,
+                                              description="encodings to choose from")
     group_size: int = Field(128, gt=0, description="columns per scale (GPTQ and quantised factors)")
     group_size_8bit: Optional[int] = Field(
         None, gt=0, description="columns per scale of 8-bit GPTQ (None: one scale per row, the layout torch's int8 "
@@ -74,6 +87,20 @@ class AutoOptions(BaseModel):
     eig_floor: float = Field(DEFAULT_EIG_FLOOR, gt=0, lt=1)
     dense_bits: Optional[Literal[16, 32]] = Field(
         None, description="bits of one dense weight in the output dtype (the pipeline sets it; 16 when unknown)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _servable(cls, value, info):
+        export = info.data.get("export")
+        if export is None:
+            return value
+        if tuple(value) == DEFAULT:
+            return SERVABLE[export]
+        refused = [name for name in value if name not in SERVABLE[export]]
+        if refused:
+            raise ValueError(f"export: {export} cannot hold {', '.join(refused)} at its budgeted size (low-rank "
+                             f"factors are exported dense); choose among {', '.join(SERVABLE[export])}")
+        return value
 
 
 def _gptq_bits(name: str) -> int:
@@ -112,6 +139,18 @@ class _Target:
         self.e = (options.dense_bits or 16) // 8
         self.W = w.to(torch.float64)
         self._bases = {}
+        if options.export:
+            self._check_groups()
+
+    def _check_groups(self):
+        """A serving export has no ragged last group: refuse before any work rather than at export time."""
+        for name in self.options.candidates:
+            group = self._group(_gptq_bits(name))
+            if group < self.n and self.n % group:
+                raise UserError(f"auto: export: {self.options.export} needs group sizes that divide in_features; "
+                                f"{name} on a {self.m}x{self.n} weight has group size {group}: set group_size"
+                                f"{'_8bit' if _gptq_bits(name) == 8 else ''} to a divisor of {self.n} "
+                                f"(e.g. {math.gcd(self.n, group)})")
 
     @cached_property
     def svd(self):
