@@ -234,8 +234,8 @@ def report(out):
 @click.argument("out", type=click.Path())
 @click.option("--dense", is_flag=True, help="export a plain dense checkpoint")
 @click.option("--serving", is_flag=True,
-              help="what a serving engine reads: quantized modules packed in a compressed-tensors base (one config "
-                   "group per scheme) in OUTPUT/base, EoRA residuals as a PEFT LoRA adapter in OUTPUT/adapter, "
+              help="what a serving engine reads: quantized modules (one scheme) packed in a compressed-tensors base "
+                   "in OUTPUT/base, EoRA residuals as a PEFT LoRA adapter in OUTPUT/adapter, "
                    "low-rank modules made dense (needs pip install 'lrc[export]')")
 @click.option("--quantized-adapter", is_flag=True,
               help="--serving for outputs whose every module is quantized (rtn, gptq, eora)")
@@ -261,8 +261,7 @@ def export(out, dense, serving, quantized_adapter, output, overwrite):
     from compressor.io.export_serving import export_serving
 
     done = export_serving(out, output, overwrite=overwrite, quantized_only=quantized_adapter)
-    base = (f"wrote {done.base}/ ({done.quantized} quantized modules, compressed-tensors pack-quantized, "
-            f"{done.groups} config group{'s' * (done.groups != 1)})")
+    base = f"wrote {done.base}/ ({done.quantized} quantized modules, compressed-tensors pack-quantized {done.scheme})"
     if done.densified:
         was, now = done.densified_bytes
         click.echo(f"{done.densified} low-rank modules made dense (no serving format holds the factors): their "

@@ -12,9 +12,10 @@ Layout of the destination:
              QuantLinear becomes an nn.Linear stored as `weight_packed` (int32, b-bit codes packed densely along the
              input dimension), `weight_scale` (out, groups) in the model dtype, `weight_shape`, and, for asymmetric
              modules, `weight_zero_point` (packed along the output dimension); its bias stays as is. config.json's
-             `quantization_config` (quant_method "compressed-tensors") holds one config group per distinct (bits,
-             strategy, group_size, symmetric): `targets: ["Linear"]` when there is one group, exact module names
-             otherwise, with every other nn.Linear (e.g. a dense lm_head) in `ignore`; plus `dequantize: true`
+             `quantization_config` (quant_method "compressed-tensors") holds one config group, the (bits,
+             strategy, group_size, symmetric) every module shares (compressor/io/export_serving.py refuses an
+             output that needs two: transformers cannot load them), `targets: ["Linear"]`, with every other
+             nn.Linear (e.g. a dense lm_head) in `ignore`; plus `dequantize: true`
              (see `_dequantize_on_load`: transformers unpacks the weights to the model dtype at load time — the
              file is b-bit, the loaded model is dense). Everything else (embeddings, norms, modules lrc left dense)
              is copied dense. Tokenizer files are copied here.
@@ -134,22 +135,14 @@ def _pack_module(module: QuantLinear, args: dict, zero: torch.Tensor, dtype: tor
 
 
 def _config_groups(schemes: dict[str, dict], linears: list[str]):
-    """compressed-tensors QuantizationConfig: one group per distinct weight scheme."""
+    """compressed-tensors QuantizationConfig: the one weight scheme of every quantized module (export_serving's
+    _one_scheme made them equal), targeting "Linear", every other nn.Linear in `ignore` (vLLM refuses a linear that
+    is neither targeted nor ignored)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    by_args: dict[tuple, list[str]] = {}
-    for name, args in schemes.items():
-        by_args.setdefault(tuple(sorted(args.items())), []).append(name)
-    if len(by_args) == 1:  # the usual llm-compressor form
-        (args, _), = by_args.items()
-        groups = {"group_0": {"targets": ["Linear"], "weights": dict(args)}}
-    else:
-        groups = {f"group_{i}": {"targets": sorted(names), "weights": dict(args)}
-                  for i, (args, names) in enumerate(sorted(by_args.items()))}
-    # Named even when no group's targets match them: vLLM refuses a linear that is neither targeted nor ignored.
+    (args,) = {tuple(sorted(a.items())) for a in schemes.values()}
+    groups = {"group_0": {"targets": ["Linear"], "weights": dict(args), "format": "pack-quantized"}}
     ignore = [name for name in linears if name not in schemes]
-    for group in groups.values():
-        group["format"] = "pack-quantized"
     return QuantizationConfig(config_groups=groups, format="pack-quantized", ignore=ignore,
                               quantization_status=QuantizationStatus.COMPRESSED)
 

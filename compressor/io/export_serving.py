@@ -5,8 +5,9 @@
 
 The layout, the packing and the convention mapping are `--quantized-adapter`'s (compressor/io/export_adapter.py's
 docstring); this export takes mixed outputs too, like `--target-size` (recipe `auto`) writes:
-- QuantLinear (GPTQ / RTN at 1–8 bits, compressed-tensors packs them all) → `weight_packed` in the base, one config
-  group per distinct (bits, strategy, group_size, symmetric), its targets the exact module names;
+- QuantLinear (GPTQ / RTN at 1–8 bits, compressed-tensors packs them all) → `weight_packed` in the base, under the
+  config's one group: every quantized module must share its (bits, strategy, group_size) (`_one_scheme` says why;
+  `auto` with `export: compressed-tensors` makes outputs that do);
 - its EoRA residual, if any → the PEFT adapter (r = lora_alpha, scaling 1);
 - nn.Linear that lrc left dense (and lm_head) → dense in the base, listed in the config's `ignore` (vLLM refuses a
   linear that no group targets and `ignore` does not name);
@@ -17,12 +18,13 @@ docstring); this export takes mixed outputs too, like `--target-size` (recipe `a
   as exact as that export: equal to lrc's y = B(A x) up to float rounding order. It grows the checkpoint: the
   result says by how much, and `auto` with `export: compressed-tensors` never picks these encodings.
 Refused, in one line naming the module, before anything is written: a quantised module with a ragged last group
-(compressed-tensors has none), an lrc module of a kind this export does not know, an output with no quantised
-module (nothing to pack: use --dense).
+(compressed-tensors has none), two quantised modules with different schemes, an lrc module of a kind this export
+does not know, an output with no quantised module (nothing to pack: use --dense).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,7 @@ class ServingExport:
     base: Path
     adapter: Path | None  # None: no module had an EoRA residual, the base is the whole model
     quantized: int  # QuantLinear modules written packed
-    groups: int  # compressed-tensors config groups (distinct schemes)
+    scheme: str  # their one compressed-tensors scheme, e.g. "4-bit, group 128"
     residuals: int  # of which with a LoRA residual in the adapter
     densified: int  # low-rank modules written as unquantised nn.Linear
     densified_bytes: tuple[int, int]  # those modules' weights: (lrc's stored bytes, the dense bytes written)
@@ -64,6 +66,39 @@ def _refuse_unservable(src: Path, *, quantized_only: bool) -> None:
     if unknown:
         raise UserError(f"module {unknown[0]}: kind {qc['modules'][unknown[0]].get('kind')!r} has no serving "
                         "format (use --dense)")
+
+
+def _describe(args: dict) -> str:
+    layout = "one scale per row" if args["strategy"] == "channel" else f"group {args['group_size']}"
+    return f"{args['num_bits']}-bit, {layout}"
+
+
+def _one_scheme(weight_args: dict[str, tuple], in_features: dict[str, int]) -> dict[str, tuple]:
+    """The same compressed-tensors scheme for every module, or a UserError naming two that differ.
+
+    transformers (5.24) cannot load several schemes from one checkpoint: with `dequantize: true` its loader
+    (integrations/compressed_tensors.py, get_dense_scheme) unpacks every dense layer with the FIRST config group's
+    scheme (measured: a 6-bit + 8-bit export loads the 8-bit weights off by 0.09); without it, asymmetric modules do
+    not load at all (compressed-tensors 0.20.1 does not pack zero points on the meta device). Two differences are
+    no second scheme and are written in the common one, exactly: a symmetric module among asymmetric ones (its
+    zero points, 0, stored), and a module with one scale per row whose row is exactly one group of the others."""
+    args_of = {name: dict(args) for name, (args, _) in weight_args.items()}
+    if len({args["symmetric"] for args in args_of.values()}) > 1:
+        for args in args_of.values():
+            args["symmetric"] = False
+    sizes = {args["group_size"] for args in args_of.values() if args["strategy"] == "group"}
+    if len(sizes) == 1:
+        (size,) = sizes
+        for name, args in args_of.items():
+            if args["strategy"] == "channel" and in_features[name] == size:
+                args.update(strategy="group", group_size=size)
+    first, *rest = args_of or [None]
+    for name in rest:
+        if args_of[name] != args_of[first]:
+            raise UserError(f"modules {first} ({_describe(args_of[first])}) and {name} ({_describe(args_of[name])}) "
+                            "need two compressed-tensors schemes, and transformers loads one per checkpoint: compress "
+                            "with --set export=compressed-tensors (GPTQ of one width) or export --dense")
+    return {name: (args_of[name], zero) for name, (_, zero) in weight_args.items()}
 
 
 def export_serving(src, dst, *, overwrite: bool = False, max_shard_size: int | str = "2GB",
@@ -85,12 +120,15 @@ def export_serving(src, dst, *, overwrite: bool = False, max_shard_size: int | s
         raise UserError(f"{flag} needs the optional packages peft and compressed-tensors "
                         f"(pip install 'lrc[export]'): {e}") from None
 
-    model = load_compressed(src)
+    with warnings.catch_warnings():  # the loader's inference-kernel warnings: nothing here runs a forward
+        warnings.filterwarnings("ignore", message="QuantLinear: .* dequantise their weight on every forward")
+        model = load_compressed(src)
     dtype = model.dtype
     quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     low_rank = [(n, m) for n, m in model.named_modules() if isinstance(m, DENSIFIED)]
     # Every refusal before the first swap: a ragged group is found on the loaded modules, not in the spec.
-    weight_args = {name: ea._weight_args(module, name) for name, module in quantized}
+    weight_args = _one_scheme({name: ea._weight_args(module, name) for name, module in quantized},
+                              {name: module.in_features for name, module in quantized})
     schemes, ranks, lora = {}, {}, {}
     for name, module in quantized:
         args, zero = weight_args[name]
@@ -119,5 +157,5 @@ def export_serving(src, dst, *, overwrite: bool = False, max_shard_size: int | s
         if ranks:
             ea._write_adapter(tmp / "adapter", lora, ranks, dst.resolve() / "base")
     return ServingExport(path=dst, base=dst / "base", adapter=dst / "adapter" if ranks else None,
-                         quantized=len(schemes), groups=len(config.config_groups), residuals=len(ranks),
+                         quantized=len(schemes), scheme=_describe(next(iter(schemes.values()))), residuals=len(ranks),
                          densified=len(low_rank), densified_bytes=(before, after))

@@ -30,11 +30,13 @@ Predicted errors, ‖(W − Ŵ)X‖² on the dense calibration inputs (G = X X�
 When no candidate fits the method raises a UserError: a budget lrc cannot meet is a one-line error, never a
 silent overshoot.
 
-`export: compressed-tensors` keeps only what `lrc export --serving` writes at the budgeted size (SERVABLE): GPTQ at
-any width (packed by compressed-tensors) and GPTQ+EoRA (the residual becomes a PEFT LoRA adapter); low-rank
-factors would be exported densified, larger than the budget paid for. The default candidates are narrowed to
-those; naming another is a one-line error, and so is a group size that does not divide a target's in_features
-(compressed-tensors has no ragged last group).
+`export: compressed-tensors` keeps only what `lrc export --serving` writes at the budgeted size and transformers
+loads back exactly: GPTQ of ONE width (compressed-tensors packs 1-8 bits; transformers 5.24 dequantises every
+layer of a checkpoint with one scheme, see compressor/io/export_serving.py), with or without an EoRA residual (it
+becomes a PEFT LoRA adapter), or dense. Low-rank factors would be exported densified, larger than the budget paid
+for. The default candidates become SERVABLE's (4 bits); `candidates` may name another width
+([gptq-3bit, gptq-3bit+eora] for smaller sizes). Low-rank or mixed widths are a one-line error, and so is a group
+size that does not divide a target's in_features (compressed-tensors has no ragged last group).
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ ALL: tuple = Candidate.__args__
 DEFAULT: tuple = ALL
 LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}
 PROBE_SIZE = 0.4  # the size (fraction of dense bytes) at which quantised factors' noise is measured
-# What each `export` can hold at the budgeted bytes (compressor/io/export_serving.py).
-SERVABLE = {"compressed-tensors": tuple(name for name in ALL if name not in LOWRANK_BITS)}
+# The default candidates of each `export` (module docstring; compressor/io/export_serving.py): 4 bits, a width
+# vLLM's WNA16 kernels take.
+SERVABLE = {"compressed-tensors": ("gptq-4bit", "gptq-4bit+eora")}
 
 
 class AutoOptions(BaseModel):
@@ -96,10 +99,14 @@ class AutoOptions(BaseModel):
             return value
         if tuple(value) == DEFAULT:
             return SERVABLE[export]
-        refused = [name for name in value if name not in SERVABLE[export]]
-        if refused:
-            raise ValueError(f"export: {export} cannot hold {', '.join(refused)} at its budgeted size (low-rank "
-                             f"factors are exported dense); choose among {', '.join(SERVABLE[export])}")
+        low_rank = [name for name in value if name in LOWRANK_BITS]
+        if low_rank:
+            raise ValueError(f"export: {export} cannot hold {', '.join(low_rank)} at its budgeted size (low-rank "
+                             "factors are exported dense); choose GPTQ candidates of one width, e.g. "
+                             "[gptq-3bit, gptq-3bit+eora]")
+        if len({_gptq_bits(name) for name in value}) > 1:
+            raise ValueError(f"export: {export} takes GPTQ candidates of one width (transformers loads one "
+                             f"compressed-tensors scheme per checkpoint), got {', '.join(value)}")
         return value
 
 
