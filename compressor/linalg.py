@@ -93,9 +93,7 @@ def _gram_svd(M: torch.Tensor, rank: int):
     eigvals, Q = torch.linalg.eigh(0.5 * (G + G.mT))
     Q = Q[..., :, -rank:].flip(-1)  # eigh sorts ascending
     s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
-    # Components with σ ≈ 0 carry nothing (B = U√σ ≈ 0): give them zero partners instead of dividing by zero.
-    tiny = s[..., :1] * 1e-12 + torch.finfo(torch.float64).tiny
-    inv = torch.where(s > tiny, 1.0 / s.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(s))
+    inv = _safe_inverse(s)
     if wide:
         return Q, s, (M.mT @ Q * inv[..., None, :]).mT  # Vᵀ = Σ⁻¹ Uᵀ M
     return M @ Q * inv[..., None, :], s, Q.mT  # U = M V Σ⁻¹
@@ -113,6 +111,36 @@ def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: in
         Q = torch.linalg.qr(M @ Q).Q
     U, s, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
     return (Q @ U)[..., :, :rank], s[..., :rank], Vh[..., :rank, :]
+
+
+def whitened_svd(M: torch.Tensor, rank: int, gram, whiten, solver: str = "gram"):
+    """Top-`rank` SVD of M S for the whitening S Sᵀ ≈ G, as (U, s, P, clamped) with P = Vᵀ S⁻¹ (n columns, the
+    whitening already undone: A = √s P). `gram()` gives G (n×n fp64, any ridge included); `whiten()` the
+    Whitening, called only when it is needed.
+
+    A wide M (m < n: down_proj, GQA's k/v, any EoRA residual of one) with the "gram" solver never factors G:
+    (M S)(M S)ᵀ = M G Mᵀ is m×m, and Vᵀ S⁻¹ = Σ⁻¹ Uᵀ M S S⁻¹ = Σ⁻¹ Uᵀ M, so one product M G (m·n²) replaces
+    the eigh of G (~9 n³ fp64, plus S and S⁻¹: n² each) and both products with S. It solves the objective
+    for G itself, nothing clamped (clamping exists only to make S invertible); the eigh path's answer differs by
+    the clamp, ≤ eig_floor of the top eigenvalue. At n = 8960 (Qwen2.5-1.5B's down_proj) this is ~20× less
+    fp64 work and 2.6 GB less memory."""
+    m, n = M.shape[-2:]
+    if solver == "gram" and m < n:
+        M = M.to(torch.float64)
+        K = (M @ gram().to(M.device, torch.float64)) @ M.mT
+        eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
+        U = Q[..., :, -rank:].flip(-1)
+        s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
+        return U, s, (U.mT @ M) * _safe_inverse(s)[..., :, None], 0
+    white = whiten()
+    U, s, Vh = truncated_svd(M @ white.S, rank, solver)
+    return U, s, Vh.to(torch.float64) @ white.inverse, white.clamped
+
+
+def _safe_inverse(s: torch.Tensor) -> torch.Tensor:
+    """1/σ, and 0 for σ ≈ 0: those components carry nothing (B = U√σ ≈ 0), so they get zero partners."""
+    tiny = s[..., :1] * 1e-12 + torch.finfo(torch.float64).tiny
+    return torch.where(s > tiny, 1.0 / s.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(s))
 
 
 def split_factors(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor):

@@ -64,13 +64,45 @@ def test_svd_llm_output_error_is_the_whitened_tail_and_beats_svd():
 def test_singular_gram_gives_finite_factors_and_counts_clamps():
     X = correlated_inputs(32, 10)  # 10 tokens for 32 features: rank-deficient Gram
     X[:, 5] = 0.0  # and a dead channel
-    W = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(4))
+    W = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(4))  # tall: the whitening is factored
     result = run("svd-llm", W, stats_of(X), 6)
     f = result.factors[0]
     assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
     assert result.clamped_eigenvalues >= 32 - 10
     eora = run("eora", W, stats_of(X), rank=6, bits=4, group_size=8)
     assert torch.isfinite(eora.factors[0].dense()).all() and eora.clamped_eigenvalues >= 22
+
+
+def test_wide_target_needs_no_clamp_and_reaches_the_optimum_on_a_singular_gram():
+    """m < n: the solve works in output space (eigh of W G Wᵀ), so nothing is clamped, and Ŵ = U_r U_rᵀ W attains
+    the optimum Σ_{i>r} λ_i(W G Wᵀ) even though G has rank 10 and a dead channel."""
+    X = correlated_inputs(32, 10)
+    X[:, 5] = 0.0
+    W = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(4))
+    stats = stats_of(X)
+    for name, opts in (("svd-llm", {}), ("eora", {"bits": 4, "group_size": 8})):
+        result = run(name, W, stats, rank=6, **opts)
+        assert result.clamped_eigenvalues == 0
+        f = result.factors[0]
+        residual = f.residual if name == "eora" else f
+        assert torch.isfinite(residual.A).all() and torch.isfinite(residual.B).all()
+        target = W[0].double() - (f.dequantized().double() if name == "eora" else 0)
+        err = ((target - residual.dense()) @ X.T).pow(2).sum().item()
+        optimum = torch.linalg.eigvalsh(target @ stats.gram @ target.T)[:-6].clamp(min=0).sum().item()
+        assert err == pytest.approx(optimum, rel=1e-6, abs=1e-9 * stats.gram.trace().item())
+
+
+def test_wide_output_space_solve_equals_the_factored_whitening():
+    """The "gram" solver's output-space path (m < n) and the factored eigh whitening (the "full" solver) give the
+    same Ŵ on a well-conditioned Gram, for svd-llm with a ridge too."""
+    X = correlated_inputs(32, 400)
+    W = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(9))
+    for opts in ({}, {"ridge": 0.05}):
+        fast = run("svd-llm", W, stats_of(X), 5, **opts)
+        factored = run("svd-llm", W, stats_of(X), 5, svd_solver="full", **opts)
+        for a, b in zip(fast.factors, factored.factors):
+            assert torch.allclose(a.dense(), b.dense(), rtol=1e-5, atol=1e-5)  # fp32 factors
+            assert a.A.norm().item() == pytest.approx(b.A.norm().item(), rel=1e-5)
 
 
 def test_whitening_reconstructs_full_rank_gram():

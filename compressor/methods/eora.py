@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from compressor.nn.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, SVDSolver, WhiteningMethod, split_factors, truncated_svd
+from compressor.linalg import DEFAULT_EIG_FLOOR, SVDSolver, WhiteningMethod, split_factors, whitened_svd
 from compressor.methods.gptq import GPTQOptions, gptq_quantize
 from compressor.methods.rtn import rtn_quantize
 from compressor.registry import register
@@ -46,14 +46,16 @@ class EoRAOptions(GPTQOptions):
 
 @register("eora", needs=("gram",), options=EoRAOptions, factorizes=False, summary="quantized base + whitened low-rank residual")
 def decompose(W: torch.Tensor, stats, options: EoRAOptions, rank=None) -> Decomposition:
-    white = stats.whitening(options.eig_floor, options.whitening)
     rank = min(options.rank, W.shape[-2], W.shape[-1])
-    out = []
+    out, clamped = [], 0
     for w in W:
         base = BASES[options.base](w, options, stats)
         delta = w.to(torch.float64) - base.dequantized().to(torch.float64)
-        U, s, Vh = truncated_svd(delta @ white.S, rank, options.svd_solver)
-        B, A = split_factors(U, s, Vh)
-        base.residual = LowRank(A=(A @ white.inverse).float(), B=B.float())
+        U, s, P, clamps = whitened_svd(delta, rank, lambda: stats.gram,
+                                       lambda: stats.whitening(options.eig_floor, options.whitening),
+                                       options.svd_solver)
+        B, A = split_factors(U, s, P)
+        base.residual = LowRank(A=A.float(), B=B.float())
         out.append(base)
-    return Decomposition(out, clamped_eigenvalues=white.clamped * W.shape[0])
+        clamped += clamps
+    return Decomposition(out, clamped_eigenvalues=clamped)

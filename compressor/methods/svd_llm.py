@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, field_validator
 
 from compressor.nn.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, WhiteningMethod, split_factors, truncated_svd
+from compressor.linalg import DEFAULT_EIG_FLOOR, WhiteningMethod, split_factors, truncated_svd, whitened_svd
 from compressor.budget.rank import RankOptions
 from compressor.registry import register
 
@@ -46,12 +46,18 @@ class SVDLLMOptions(RankOptions):
         return value
 
 
+def _ridged_gram(stats, ridge: float) -> torch.Tensor:
+    gram = stats.gram.to(torch.float64)
+    if not ridge:
+        return gram
+    n = gram.shape[-1]
+    return gram + (ridge * gram.diagonal().sum() / n) * torch.eye(n, dtype=gram.dtype, device=gram.device)
+
+
 def _whitened_target(W: torch.Tensor, stats, options: SVDLLMOptions):
-    """(the matrix whose truncated SVD is the answer, the whitening)."""
+    """(the matrix whose truncated SVD is the answer, the whitening), for β > 0 with two streams."""
     white = stats.whitening(options.eig_floor, options.whitening, ridge=options.ridge)
     W = W.to(torch.float64)
-    if options.beta == 0 or stats.cross is stats.gram:  # one stream (dense inputs): C = Ĝ, β drops out
-        return W @ white.S, white
     if stats.cross is None:
         raise ValueError("svd-llm with beta > 0 needs the cross statistic Σ x x̂ᵀ (collect 'cross')")
     # S Sᵀ = Ĝ + λI + Δ, Δ what clamping (or damping) added. Putting the same Δ into the cross term adds the
@@ -62,19 +68,27 @@ def _whitened_target(W: torch.Tensor, stats, options: SVDLLMOptions):
     return W @ (white.S + options.beta * (cross - gram) @ white.inverse.mT), white
 
 
+def _solve(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int):
+    """(U, s, P, clamped): the top-`rank` SVD of the whitened target, P its right factor with S⁻¹ applied."""
+    if options.beta == 0 or stats.cross is stats.gram:  # one stream (dense inputs): C = Ĝ, β drops out
+        return whitened_svd(W.to(torch.float64), rank, lambda: _ridged_gram(stats, options.ridge),
+                            lambda: stats.whitening(options.eig_floor, options.whitening, ridge=options.ridge),
+                            options.svd_solver)
+    M, white = _whitened_target(W, stats, options)
+    U, s, Vh = truncated_svd(M, rank, options.svd_solver)
+    return U, s, Vh.to(torch.float64) @ white.inverse, white.clamped
+
+
 def spectrum(W: torch.Tensor, stats, options) -> torch.Tensor:
     """Singular values of the whitened target: the tail's squares are the objective's rank-dependent part."""
-    return torch.linalg.svdvals(_whitened_target(W, stats, options)[0])
+    return _solve(W, stats, options.model_copy(update={"svd_solver": "gram"}), min(W.shape[-2:]))[1]
 
 
 @register("svd-llm", needs=("gram",), options=SVDLLMOptions, factorizes=True, summary="whitened truncation-aware SVD",
           spectrum=spectrum, spectrum_units="output",
           extra_needs=lambda options: ("cross",) if options.beta > 0 else ())
 def decompose(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int) -> Decomposition:
-    M, white = _whitened_target(W, stats, options)
-    U, s, Vh = truncated_svd(M, rank, options.svd_solver)
-    B, A = split_factors(U, s, Vh)
-    A = A @ white.inverse
-    return Decomposition(
-        [LowRank(A=a.float(), B=b.float()) for a, b in zip(A, B)], clamped_eigenvalues=white.clamped * W.shape[0]
-    )
+    U, s, P, clamped = _solve(W, stats, options, rank)
+    B, A = split_factors(U, s, P)
+    return Decomposition([LowRank(A=a.float(), B=b.float()) for a, b in zip(A, B)],
+                         clamped_eigenvalues=clamped * W.shape[0])
