@@ -33,10 +33,11 @@ silent overshoot.
 `export: compressed-tensors` keeps only what `lrc export --serving` writes at the budgeted size and transformers
 loads back exactly: GPTQ of ONE width (compressed-tensors packs 1-8 bits; transformers 5.24 dequantises every
 layer of a checkpoint with one scheme, see compressor/io/export_serving.py), with or without an EoRA residual (it
-becomes a PEFT LoRA adapter), or dense. Low-rank factors would be exported densified, larger than the budget paid
-for. The default candidates become SERVABLE's (4 bits); `candidates` may name another width
-([gptq-3bit, gptq-3bit+eora] for smaller sizes). Low-rank or mixed widths are a one-line error, and so is a group
-size that does not divide a target's in_features (compressed-tensors has no ragged last group).
+becomes a PEFT LoRA adapter); never dense (vLLM refuses q/k/v or gate/up with one part dense). Low-rank factors
+would be exported densified, larger than the budget paid for. The default candidates become SERVABLE's (4 bits);
+`candidates` may name another width ([gptq-3bit, gptq-3bit+eora] for smaller sizes). Low-rank or mixed widths are
+a one-line error, and so is a group size that does not divide a target's in_features (compressed-tensors has no
+ragged last group).
 """
 
 from __future__ import annotations
@@ -234,7 +235,9 @@ def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tens
     total = float(s.pow(2).sum().clamp(min=1e-300))  # ‖W X‖² (through the clamped whitening)
     raw, weighted = _tails(U, s, None), _tails(U, s, h)
     dense = t.m * t.n * t.e
-    out = [Choice(None, dense, 0.0, 0.0)]
+    # A serving export keeps every target quantised: vLLM fuses q/k/v and gate/up and refuses a fused layer with
+    # one part dense (in `ignore`) and another quantised.
+    out = [] if options.export else [Choice(None, dense, 0.0, 0.0)]
     step, full = options.rank_step, min(t.m, t.n)
     ranks = sorted(set(range(step, full + 1, step)) | {full})
 
