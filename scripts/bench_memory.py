@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/bench_memory.py                      # build .cache/synthetic-1b once, then compress
     .venv/bin/python scripts/bench_memory.py --recipe svd-20 --cap-gb 3
+    .venv/bin/python scripts/bench_memory.py --checkpoint .cache/qwen2.5-coder-1.5b-instruct -r svd-llm-20 \
+        --nsamples 64 --json bench-results/memory-qwen15-svd-llm-20.json   # a real model (scripts/prepare_qwen15.py)
+    .venv/bin/python scripts/bench_memory.py --checkpoint .cache/qwen2.5-coder-1.5b-instruct --target-size 0.3 ...
 
 The checkpoint: TinyLlama-1.1B's shape (22 layers, hidden 2048, intermediate 5632, 32 heads / 4 KV heads, vocab
 32000), random weights (scale 0.02), stored bf16 as one safetensors shard per layer: 2.2 GB on disk, 4.4 GB at the
@@ -11,7 +14,10 @@ The compression runs `lrc compress --low-memory` in a child process inside a Lin
 whose limit is the cap: going over it gets the child killed, so a finished run *is* the proof. Peak RSS of the
 child (getrusage) and the cgroup's peak usage (which also counts reclaimable page cache of the mmapped and
 written safetensors) are reported next to "2 GB + one decoder layer" (the issue's bound). Without a writable
-cgroup the run is uncapped and says so.
+cgroup the run is uncapped and says so. An existing checkpoint given by `--checkpoint` (any decoder-only model
+transformers knows, e.g. the real Qwen2.5-Coder-1.5B) is used as it is; "one decoder layer" is then computed from
+its config. The disk column is the peak, polled every 0.5 s, of everything the run writes beside the output
+(the resume journal `.OUT.partial`, the temporary output) plus the output.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -78,10 +85,34 @@ class MemoryCgroup:
             self.path.rmdir()
 
 
+def layer_bytes_fp32(folder: Path) -> int:
+    """One decoder layer's parameters × 4 B, from config.json (attention biases counted when the family has them)."""
+    config = json.loads((folder / "config.json").read_text())
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    bias = (heads * head_dim + 2 * kv) if config.get("model_type") == "qwen2" or config.get("attention_bias") else 0
+    return 4 * (2 * heads * head_dim * h + 2 * kv * h + 3 * h * inter + 2 * h + bias)
+
+
+def du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # renamed or removed while we looked
+                pass
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(ROOT / ".cache" / "synthetic-1b"))
-    parser.add_argument("--recipe", default="rtn-4bit")
+    parser.add_argument("-r", "--recipe", default="rtn-4bit")
+    parser.add_argument("--target-size", default=None, help="passed to lrc compress (then the recipe is `auto` "
+                                                             "unless -r names another)")
     parser.add_argument("--cap-gb", type=float, default=None, help="default: 2 GiB + one decoder layer at fp32")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -89,30 +120,49 @@ def main():
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    folder = build_checkpoint(Path(args.checkpoint), SHAPE)
+    given = Path(args.checkpoint)
+    real = (given / "config.json").is_file() and given.resolve() != (ROOT / ".cache" / "synthetic-1b").resolve()
+    folder = given if real else build_checkpoint(given, SHAPE)
     build_seconds = time.perf_counter() - t0
     on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    h, inter, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["hidden_size"] // 8
-    layer_fp32 = 4 * (2 * h * h + 2 * kv * h + 3 * h * inter + 2 * h)
-    out = ROOT / "out" / f"bench-memory-{args.recipe}"
+    layer_fp32 = layer_bytes_fp32(folder)
+    label = args.recipe if args.target_size is None else f"{args.recipe}-target-{args.target_size}"
+    work = ROOT / "out" / f"bench-memory-{folder.name}-{label}"
+    out = work / "out"
+    work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "compressor.cli", "compress", str(folder), "-r", args.recipe, "-o", str(out),
            "--overwrite", "--low-memory", "--no-plots", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    if args.target_size is not None:
+        cmd += ["--target-size", args.target_size]
+    disk_peak = [0]
+    stop = threading.Event()
+
+    def poll():  # the journal, the temporary output and the output, all under `work`
+        while not stop.wait(0.5):
+            disk_peak[0] = max(disk_peak[0], du(work))
+
     cap = int(args.cap_gb * GB) if args.cap_gb else 2 * GB + layer_fp32
     cgroup = MemoryCgroup(cap)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t1 = time.perf_counter()
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     try:
         done = subprocess.run(cmd, preexec_fn=cgroup.preexec, capture_output=True, text=True)
         seconds = time.perf_counter() - t1
         peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         cgroup_peak = cgroup.peak()
     finally:
+        stop.set()
+        poller.join()
         cgroup.remove()
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
     report = json.loads((out / "report.json").read_text()) if done.returncode == 0 else {}
     result = {
-        "date": str(date.today()), "recipe": args.recipe, "checkpoint": str(folder), "shape": SHAPE,
+        "date": str(date.today()), "recipe": args.recipe, "target_size": args.target_size,
+        "checkpoint": str(folder), "shape": None if real else SHAPE, "command": " ".join(cmd[1:]),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2), "disk_peak_bytes": disk_peak[0],
         "checkpoint_bytes_bf16": on_disk, "model_bytes_fp32": on_disk * 2, "one_layer_bytes_fp32": layer_fp32,
         "cap_bytes": cap if cgroup.path else None,
         "cgroup": ("v2" if cgroup.v2 else "v1") if cgroup.path else "unavailable (uncapped run)",
@@ -127,10 +177,14 @@ def main():
     fmt = lambda b: "n/a" if b is None else f"{b / GB:.2f} GiB"  # noqa: E731
     print(f"checkpoint {folder.name}: {fmt(on_disk)} bf16 on disk, {fmt(on_disk * 2)} at fp32; one layer "
           f"{fmt(layer_fp32)} fp32")
-    print(f"{args.recipe} --low-memory, calibration {args.nsamples}×{args.seqlen}, memory cap "
+    print(f"{label} --low-memory, calibration {args.nsamples}×{args.seqlen}, memory cap "
           f"{fmt(result['cap_bytes'])} ({result['cgroup']}): exit {done.returncode} after {seconds:.0f} s")
     print(f"peak RSS {fmt(result['peak_rss_bytes'])}; cgroup peak (incl. page cache) {fmt(cgroup_peak)}; "
-          f"bound 2 GiB + one layer = {fmt(result['bound_bytes'])}; output {fmt(result['output_bytes'])}")
+          f"bound 2 GiB + one layer = {fmt(result['bound_bytes'])}; output {fmt(result['output_bytes'])}; disk peak "
+          f"(journal + output) {fmt(disk_peak[0])}; load average at the end {result['load_average_1m_at_end']}")
+    if done.returncode == 0:
+        report = json.loads((out / "report.json").read_text())
+        print(json.dumps({k: report[k] for k in ("timings_seconds", "size") if k in report}, indent=1)[:2000])
     sys.exit(0 if done.returncode == 0 else 1)
 
 

@@ -127,7 +127,8 @@ def collect_fisher(
     returned unchanged.
 
     `layer_io` (compressor/pipeline/streaming.py): decoder layers that live on disk (meta device) until needed, with
-    `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device."""
+    `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device, and
+    `materialize_outside()` for the parts outside the layers still on meta (the head)."""
     names = list(dict.fromkeys(target_names))
     _, layers = find_decoder_layers(model)
     per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
@@ -142,6 +143,8 @@ def collect_fisher(
                    torch.zeros(m.weight.shape[0], dtype=torch.float64, device=device)]
             for targets in per_layer for name, m in targets.items()}
 
+    if layer_io is not None:  # the head, which a --low-memory skeleton reads only when it is needed
+        layer_io.materialize_outside()
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
