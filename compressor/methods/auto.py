@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from compressor.budget.byte_budget import Choice
 from compressor.errors import UserError
 from compressor.nn.factors import Decomposition, LowRank
-from compressor.linalg import DEFAULT_EIG_FLOOR, truncated_svd
+from compressor.linalg import DEFAULT_EIG_FLOOR, whitened_svd
 from compressor.methods.factor_quant import quantize_lowrank
 from compressor.methods.gptq import GPTQOptions, gptq_hessian, gptq_quantize
 from compressor.budget.rank import factor_bytes, packed_bytes, rank_for_size
@@ -115,15 +115,10 @@ def _gptq_bits(name: str) -> int:
     return int(name.split("-")[1].split("bit")[0])
 
 
-def _lowrank(U, s, Vh, r, inverse) -> LowRank:
+def _lowrank(U, s, P, r) -> LowRank:
+    """Rank r of the whitened SVD (U, s, P = Vᵀ S⁻¹): B = U √s, A = √s P."""
     root = s[:r].sqrt()
-    return LowRank(A=((root[:, None] * Vh[:r]) @ inverse).float(), B=(U[:, :r] * root).float())
-
-
-def _svd(M: torch.Tensor):
-    """Every singular triplet of M through eigh of its smaller Gram (linalg.truncated_svd "gram": 2-3× faster than
-    an SVD on CPUs; σ below ~1e-8 σ_max lose precision, which no error prediction here can see)."""
-    return truncated_svd(M, min(M.shape), "gram")
+    return LowRank(A=(root[:, None] * P[:r]).float(), B=(U[:, :r] * root).float())
 
 
 def _row_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -141,8 +136,9 @@ def _tails(U, s, h) -> torch.Tensor:
 class _Target:
     """One (m, n) weight with its whitened SVD, shared by every low-rank candidate (each rank is a truncation)."""
 
-    def __init__(self, w, stats, white, options: AutoOptions):
-        self.w, self.stats, self.white, self.options = w, stats, white, options
+    def __init__(self, w, stats, options: AutoOptions):
+        self.w, self.stats, self.options = w, stats, options
+        self.clamped = 0  # eigenvalues clamped by the whitening, if a solve needed it (linalg.whitened_svd)
         self.m, self.n = w.shape
         self.e = (options.dense_bits or 16) // 8
         self.W = w.to(torch.float64)
@@ -162,7 +158,15 @@ class _Target:
 
     @cached_property
     def svd(self):
-        return _svd(self.W @ self.white.S)
+        return self._whitened_svd(self.W)
+
+    def _whitened_svd(self, M: torch.Tensor):
+        """Every singular triplet of M S as (U, s, Vᵀ S⁻¹), through eigh of the smaller Gram (linalg's "gram"
+        solver: 2-3× faster than an SVD on CPUs; a wide M never factors the n×n Gram)."""
+        U, s, P, clamped = whitened_svd(M, min(M.shape), lambda: self.stats.gram,
+                                        lambda: self.stats.whitening(self.options.eig_floor, "eigh"))
+        self.clamped = max(self.clamped, clamped)
+        return U, s, P
 
     def base(self, bits: int):
         if bits not in self._bases:
@@ -179,17 +183,17 @@ class _Target:
 
     def build(self, name: str, r: int):
         if name in LOWRANK_BITS:
-            f = _lowrank(*self.svd, r, self.white.inverse)
+            f = _lowrank(*self.svd, r)
             bits = LOWRANK_BITS[name]
             return f if bits is None else quantize_lowrank(f, self.stats.gram, bits, self.options.group_size)
         bits = _gptq_bits(name)
         if not name.endswith("+eora"):
             return self.base(bits)
-        return replace(self.base(bits), residual=_lowrank(*self.residual_svd(bits), r, self.white.inverse))
+        return replace(self.base(bits), residual=_lowrank(*self.residual_svd(bits), r))
 
     def residual_svd(self, bits: int):
         """SVD of (W − Q) S for the b-bit GPTQ base Q: EoRA's residual, whitened."""
-        return _svd((self.W - self.base(bits).dequantized().to(torch.float64)) @ self.white.S)
+        return self._whitened_svd(self.W - self.base(bits).dequantized().to(torch.float64))
 
     def bytes(self, name: str, r: int) -> int:
         gs = self.options.group_size
@@ -200,10 +204,9 @@ class _Target:
         return base + (factor_bytes(self.m, self.n, r, None, None, self.e) if name.endswith("+eora") else 0)
 
 
-def candidates(w: torch.Tensor, stats, white, options: AutoOptions) -> list[tuple[str, object]]:
+def candidates(t: "_Target", options: AutoOptions) -> list[tuple[str, object]]:
     """[(name, factors)] of every candidate that fits `size_ratio` of the (m, n) weight `w`, each at the largest
     rank that fits (uniform allocation)."""
-    t = _Target(w, stats, white, options)
     budget = options.size_ratio * t.m * t.n * t.e
     out = []
     for name in options.candidates:
@@ -227,12 +230,11 @@ def candidates(w: torch.Tensor, stats, white, options: AutoOptions) -> list[tupl
 def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tensor | None = None) -> list[Choice]:
     """Every candidate at every rank of the grid, with exact bytes and predicted output error (module docstring),
     plus keeping the target dense. `row_weight`: √h per output channel (errors weighted by h), or None."""
-    white = stats.whitening(options.eig_floor, "eigh")
-    t = _Target(w, stats, white, options)
+    t = _Target(w, stats, options)
     G = stats.gram.to(w.device, torch.float64)
     h = None if row_weight is None else row_weight.to(w.device, torch.float64).pow(2)
     U, s, _ = t.svd
-    total = float(s.pow(2).sum().clamp(min=1e-300))  # ‖W X‖² (through the clamped whitening)
+    total = float(s.pow(2).sum().clamp(min=1e-300))  # ‖W X‖² (tall targets: through the clamped whitening)
     raw, weighted = _tails(U, s, None), _tails(U, s, h)
     dense = t.m * t.n * t.e
     # A serving export keeps every target quantised: vLLM fuses q/k/v and gate/up and refuses a fused layer with
@@ -277,8 +279,9 @@ def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tens
     return out
 
 
-def _uniform(w, stats, white, options: AutoOptions, G):
-    found = candidates(w, stats, white, options)
+def _uniform(t: _Target, options: AutoOptions, G):
+    w = t.w
+    found = candidates(t, options)
     if not found:
         raise UserError(f"auto: no candidate in {list(options.candidates)} fits size_ratio "
                         f"{options.size_ratio} of a {tuple(w.shape)} weight; raise size_ratio")
@@ -291,11 +294,10 @@ def _uniform(w, stats, white, options: AutoOptions, G):
                   "within a byte budget; allocation: global spends it across targets")
 def decompose(W: torch.Tensor, stats, options: AutoOptions, rank=None) -> Decomposition:
     """`rank`: the encoding (name, rank) that allocation: global chose for these targets; None: uniform budget."""
-    white = stats.whitening(options.eig_floor, "eigh")
     G = stats.gram.to(W.device, torch.float64)
+    targets = [_Target(w, stats, options) for w in W]
     if rank is None:
-        out = [_uniform(w, stats, white, options, G) for w in W]
+        out = [_uniform(t, options, G) for t in targets]
     else:
-        name, r = rank
-        out = [_Target(w, stats, white, options).build(name, r) for w in W]
-    return Decomposition(out, clamped_eigenvalues=white.clamped * W.shape[0])
+        out = [t.build(*rank) for t in targets]
+    return Decomposition(out, clamped_eigenvalues=sum(t.clamped for t in targets))
