@@ -56,8 +56,8 @@ class Sequential(Strict):
 
 class Refinement(Strict):
     """Block refinement (AA-SVD-style): after a decoder layer's targets are compressed, Adam on only the new
-    modules' refinable parameters (low-rank factors) so the layer's outputs match `target` on the calibration
-    windows. epochs: 0 turns it off."""
+    modules' refinable parameters (low-rank factors), and their quantised codes, scales and zero points on their
+    grid (`quant`), so the layer's outputs match `target` on the calibration windows. epochs: 0 turns it off."""
 
     epochs: int = Field(0, ge=0, description="passes over the calibration windows per decoder layer (0: off)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
@@ -68,6 +68,10 @@ class Refinement(Strict):
         "compressed", description="match the dense layer's outputs on the compressed model's inputs (compressed) "
                                   "or the dense model's own outputs (dense: a second activation stream)")
     seed: int = 0
+    quant: bool = Field(True, description="also refine quantised encodings: codes, scales and zero points on their "
+                                          "grid (AutoRound-style)")
+    quant_lr: Optional[float] = Field(None, gt=0, description="the rounding offsets' step (in codes, decaying "
+                                                              "linearly to 0; default 0.7 / steps)")
 
 
 class Allocation(Strict):

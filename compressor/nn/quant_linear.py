@@ -88,8 +88,14 @@ class QuantLinear(nn.Module):
         return w + self.lora_B.weight.double() @ self.lora_A.weight.double() if self.rank else w
 
     def refinable_parameters(self) -> list[nn.Parameter]:
-        """The EoRA residual only: the packed quantised weights stay as they are."""
+        """The EoRA residual (Adam); the codes and scales are refined on their grid by compressor/pipeline/refine_quant.py."""
         return [self.lora_A.weight, self.lora_B.weight] if self.rank else []
+
+    def write_codes(self, q: torch.Tensor, zero: torch.Tensor, scales: torch.Tensor, prefix: str = "") -> None:
+        """Store new codes (out, in), zero points and fp16 scales (out, groups) in place, in the same packed format
+        (block refinement); the kernel layout is converted again from them on the next forward."""
+        write_packed(self, prefix, q, zero, scales, self.bits)
+        self._packed, self._fallback = None, False
 
     def forward(self, x):
         # The packed kernels have no backward: with gradients flowing through x (block refinement of an earlier
@@ -137,6 +143,15 @@ def _register_packed(module: nn.Module, prefix: str, rows: int, cols: int, bits:
     module.register_buffer(f"{prefix}scales", torch.ones(rows, groups, dtype=torch.float16, device=device))
 
 
+def write_packed(module: nn.Module, prefix: str, q: torch.Tensor, zero: torch.Tensor, scales: torch.Tensor, bits: int):
+    if int(q.min()) < 0 or int(q.max()) >= 2**bits or int(zero.min()) < 0 or int(zero.max()) >= 2**bits:
+        raise ValueError(f"codes outside [0, {2**bits - 1}]")
+    with torch.no_grad():
+        getattr(module, f"{prefix}qweight").copy_(quant.pack(q, bits))
+        getattr(module, f"{prefix}qzeros").copy_(quant.pack(zero, bits))
+        getattr(module, f"{prefix}scales").copy_(scales.to(torch.float16))
+
+
 def _unpacked(module: nn.Module, prefix: str, cols: int, bits: int, group_size: int) -> torch.Tensor:
     scales = getattr(module, f"{prefix}scales")
     q = quant.unpack(getattr(module, f"{prefix}qweight"), bits, cols)
@@ -177,8 +192,12 @@ class QuantLowRankLinear(nn.Module):
         return B.double() @ A.double()
 
     def refinable_parameters(self) -> list[nn.Parameter]:
-        """None: the factors are integer codes (block refinement cannot train them)."""
+        """None for Adam: the factors are integer codes, refined on their grid by compressor/pipeline/refine_quant.py."""
         return []
+
+    def write_codes(self, q: torch.Tensor, zero: torch.Tensor, scales: torch.Tensor, prefix: str) -> None:
+        """Store factor `prefix` ("A_" or "B_")'s new codes, zero points and fp16 scales in place (block refinement)."""
+        write_packed(self, prefix, q, zero, scales, self.bits)
 
     def forward(self, x):
         A, B = self.factors()

@@ -243,7 +243,7 @@ class Compression:
         report, outs = refine_block(layer, modules, calls, targets, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
                                     seed=r.seed, skip_first=self.recipe.calibration.skip_first, device=device,
                                     offload=offload, index=index, relative_lr=r.relative_lr,
-                                    storage_dtype=self.storage_dtype)
+                                    storage_dtype=self.storage_dtype, quantised=r.quant, quant_lr=r.quant_lr)
         self.refinements.append(report)
         self.timings["refinement"] = self.timings.get("refinement", 0.0) + time.perf_counter() - t0
         return outs
