@@ -5,8 +5,8 @@
 Exports OUT to EXPORTED first when EXPORTED does not exist. Prints one JSON object:
 - `lrc_bytes` / `export_bytes`: the tensor bytes of the safetensors files (OUT; EXPORTED/base + EXPORTED/adapter);
 - `max_abs_logit_diff_fp32`: both loaded in fp32 — lrc through its exact reference path (no packed kernels), the
-  export through transformers + compressed-tensors (+ PEFT for the adapter) — over the first two evaluation
-  windows;
+  export through transformers + compressed-tensors (+ PEFT for the adapter, cast to fp32 too) — over the first two
+  evaluation windows;
 - `perplexity_lrc` / `perplexity_export`: in the checkpoint's dtype on the bundled test split (PEFT with
   `autocast_adapter_dtype=False`, so the adapter runs in that dtype as lrc's residual does); `perplexity_lrc_kernels`:
   lrc as `from_pretrained` loads it (packed kernels).
@@ -33,14 +33,14 @@ def tensor_bytes(folder: Path) -> int:
     return total
 
 
-def load_export(exported: Path, dtype):
+def load_export(exported: Path, dtype, *, autocast: bool):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(exported / "base", dtype=dtype or "auto")
     if (exported / "adapter").is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, exported / "adapter", autocast_adapter_dtype=False)
+        model = PeftModel.from_pretrained(model, exported / "adapter", autocast_adapter_dtype=autocast)
     return model.eval()
 
 
@@ -78,13 +78,13 @@ def main() -> None:
 
     with torch.no_grad():
         a = load_lrc(args.out, torch.float32, kernels=False)(windows[:2]).logits
-        b = load_export(args.exported, torch.float32)(windows[:2]).logits
+        b = load_export(args.exported, torch.float32, autocast=True)(windows[:2]).logits  # the adapter in fp32 too
     result = {
         "lrc_bytes": tensor_bytes(args.out),
         "export_bytes": tensor_bytes(args.exported / "base") + tensor_bytes(args.exported / "adapter"),
         "max_abs_logit_diff_fp32": (a - b).abs().max().item(),
         "perplexity_lrc": perplexity(load_lrc(args.out, None, kernels=False), windows).ppl,
-        "perplexity_export": perplexity(load_export(args.exported, None), windows).ppl,
+        "perplexity_export": perplexity(load_export(args.exported, None, autocast=False), windows).ppl,
         "perplexity_lrc_kernels": perplexity(load_lrc(args.out, None, kernels=True), windows).ppl,
         "windows": len(windows), "seqlen": seqlen, "threads": args.threads,
     }

@@ -37,7 +37,8 @@ becomes a PEFT LoRA adapter); never dense (vLLM refuses q/k/v or gate/up with on
 would be exported densified, larger than the budget paid for. The default candidates become SERVABLE's (4 bits);
 `candidates` may name another width ([gptq-3bit, gptq-3bit+eora] for smaller sizes). Low-rank or mixed widths are
 a one-line error, and so is a group size that does not divide a target's in_features (compressed-tensors has no
-ragged last group).
+ragged last group). The budget counts the export's bytes (fp32 scales, compressor/io/export_adapter.py), so
+the lrc output lands slightly below the size and the export at most at it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compressor import quant
 from compressor.budget.byte_budget import Choice
 from compressor.errors import UserError
 from compressor.nn.factors import Decomposition, LowRank
@@ -201,6 +203,8 @@ class _Target:
             return factor_bytes(self.m, self.n, r, LOWRANK_BITS[name], gs, self.e)
         bits = _gptq_bits(name)
         base = packed_bytes(self.m, self.n, bits, self._group(bits))
+        if self.options.export:  # the export stores the scales in fp32 (exact), 2 bytes a group more than lrc
+            base += 2 * self.m * quant.num_groups(self.n, self._group(bits))
         return base + (factor_bytes(self.m, self.n, r, None, None, self.e) if name.endswith("+eora") else 0)
 
 
