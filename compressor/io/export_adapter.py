@@ -10,7 +10,7 @@ Layout of the destination:
   base/      a compressed-tensors checkpoint, format `pack-quantized`, written by the `compressed-tensors` library
              (the format llm-compressor writes and transformers' CompressedTensorsHfQuantizer reads). Every
              QuantLinear becomes an nn.Linear stored as `weight_packed` (int32, b-bit codes packed densely along the
-             input dimension), `weight_scale` (out, groups) in the model dtype, `weight_shape`, and, for asymmetric
+             input dimension), `weight_scale` (out, groups) in fp32, `weight_shape`, and, for asymmetric
              modules, `weight_zero_point` (packed along the output dimension); its bias stays as is. config.json's
              `quantization_config` (quant_method "compressed-tensors") holds one config group, the (bits,
              strategy, group_size, symmetric) every module shares (compressor/io/export_serving.py refuses an
@@ -36,12 +36,12 @@ symmetric) becomes symmetric (z' = 0, no zero point stored). A module with one g
 in_features) becomes per-channel; otherwise the group size must divide in_features (compressed-tensors has no
 ragged last group): refused if not.
 
-Exactness (tests/test_export_adapter.py for fp32; bf16 and fp16 measured by hand on the same tiny model): the
-loaded base's weights equal lrc's `dequantized_weight()` cast to the model dtype (what QuantLinear.forward
-uses) bit for bit. fp32 and fp16 always: an fp16 scale is exact in both, and (q − z)·s is rounded to the model
-dtype once on both sides. bf16: compressed-tensors keeps the scales in the weight dtype, so an fp16 scale that
-bf16 cannot represent is rounded (≤ 2^-9 relative): lrc keeps its fp16 scales exact when a model is cast to
-bf16 (QuantLinear._apply), so a bf16 base can differ from lrc's weights by that rounding (not tested; fp32 is).
+Exactness (tests/test_export_adapter.py, tests/test_export_serving.py): the loaded base's weights equal lrc's
+`dequantized_weight()` cast to the model dtype (what QuantLinear.forward uses) bit for bit, in fp32, bf16 and
+fp16. compressed-tensors dequantises in the scale's dtype: the scales are written in fp32 (lrc's fp16 values,
+exactly), where (q − z)·s is exact, so the weight is rounded to the model dtype once, as lrc rounds it. (Written
+in bf16, an fp16 scale is rounded, ≤ 2^-9 relative; in fp16, the product is. The demo model's 3-bit export
+differed from lrc by 0.029 in fp32 logits that way.) That costs 2 bytes a group more than lrc's fp16 scales.
 PEFT adds lora_B(lora_A x)·1.0 after the base linear, as QuantLinear.forward does: fp32 logits are identical
 (max |Δ| = 0.0). On a half-precision model PEFT's default `autocast_adapter_dtype=True` runs the adapter in fp32,
 which moves the logits by about one half-precision ulp (3.9e-3 bf16, 4.9e-4 fp16 on logits of ~0.6); with
