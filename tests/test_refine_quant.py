@@ -128,7 +128,8 @@ def test_a_target_size_run_refines_its_quantised_modules(tiny_model, calib_ids):
     dense = tiny_model("llama", correlated=True)
     with torch.no_grad():
         reference = dense(ids).logits
-    recipe = ["size_ratio=0.1", "rank_step=4", "group_size=32", "allocation_options.weight=relative"]
+    recipe = ["size_ratio=0.1", "rank_step=8", "candidates=[gptq-4bit,gptq-3bit,svd-llm-int4]", "group_size=32",
+              "allocation_options.weight=relative"]
     runs, errors = {}, {}
     for name, extra in (("plain", []), ("refined", REFINE)):
         model = copy.deepcopy(dense)
