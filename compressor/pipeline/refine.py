@@ -21,7 +21,6 @@ propagation makes), so the next layer is calibrated on exactly what the saved la
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -164,9 +163,9 @@ def _refine(layer, params, quant, dtype, storage_dtype, calls, targets, start, *
         optimizer = torch.optim.Adam(groups, lr=lr) if params else None
         pieces = _pieces(calls, targets, batch_size)
         total = epochs * len(pieces)
-        sign_lr = quant_lr if quant_lr is not None else QUANT_TRAVEL / total
+        offset_lr = quant_lr if quant_lr is not None else QUANT_TRAVEL / total
         generator = torch.Generator().manual_seed(seed + index)
-        with torch.enable_grad(), quant.swapped() if quant else contextlib.nullcontext():
+        with torch.enable_grad(), quant.swapped():
             for _ in range(epochs):
                 for j in torch.randperm(len(pieces), generator=generator).tolist():
                     if optimizer is not None:
@@ -178,7 +177,7 @@ def _refine(layer, params, quant, dtype, storage_dtype, calls, targets, start, *
                     distributed.sum_gradients(params + quant.parameters())  # the whole step's gradient everywhere
                     if optimizer is not None:
                         optimizer.step()
-                    quant.step(sign_lr * (1 - steps / total), SCALE_LR * (1 - steps / total))
+                    quant.step(offset_lr * (1 - steps / total), SCALE_LR * (1 - steps / total))
                     steps += 1
         for p, flag in flags.items():
             p.requires_grad_(flag)
