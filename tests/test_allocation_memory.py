@@ -61,3 +61,41 @@ def test_dense_input_allocation_holds_one_layers_statistics_and_matches_kept_sta
     assert got.keys() == want.keys()
     for key in got:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_a_layer_decomposes_its_widest_input_first_and_drops_each_inputs_statistics_when_done(
+        monkeypatch, tiny_model, calib_ids):
+    """down_proj's n×n Gram (0.64 GB fp64 at Qwen2.5-1.5B's 8960) is freed before gate/up's solves allocate
+    theirs: while each group is decomposed, no Gram wider than its own input is alive."""
+    from compressor import registry
+
+    method = registry.get("svd-llm")
+    original, seen = method.decompose, []
+    grams = []
+
+    def decompose(W, stats, options, rank):
+        gc.collect()
+        seen.append((W.shape[-1], sorted(ref().shape[0] for ref in grams if ref() is not None)))
+        return original(W, stats, options, rank)
+
+    import dataclasses
+
+    patched, get = dataclasses.replace(method, decompose=decompose), registry.get
+    monkeypatch.setattr(registry, "get", lambda name: patched if name == "svd-llm" else get(name))
+    original_accumulate = stats_module.StatsCollector._accumulate
+
+    def accumulate(self, name, x):
+        had = self.stats.get(name)
+        original_accumulate(self, name, x)
+        if had is None:
+            grams.append(weakref.ref(self.stats[name].gram))
+
+    monkeypatch.setattr(stats_module.StatsCollector, "_accumulate", accumulate)
+    model = tiny_model("llama")
+    api.compress(model, "svd-llm-20", batches=calib_ids(4, 16))
+    widths = [width for width, _ in seen]
+    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    per_layer = len(widths) // model.config.num_hidden_layers  # q, k/v (another shape), o, gate/up, down
+    assert widths == ([intermediate] + [hidden] * (per_layer - 1)) * model.config.num_hidden_layers
+    for width, alive in seen:
+        assert max(alive) <= width, (width, alive)

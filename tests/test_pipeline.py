@@ -553,7 +553,9 @@ def test_dead_input_channel_gives_finite_weights_and_counted_clamps(tiny_model, 
         assert math.isfinite(rep.rel_weight_error) and math.isfinite(rep.rel_output_error)
     dense = tiny_model("llama")
     for name in names(ATTN[:3], [0]):
-        assert by_name(result)[name].clamped_eigenvalues >= 1, name
+        (m, n), clamped = by_name(result)[name].shape, by_name(result)[name].clamped_eigenvalues
+        # a wide target (GQA's k/v) is solved in output space: nothing to clamp (compressor/linalg.whitened_svd)
+        assert clamped >= 1 if m >= n else clamped == 0, name
         # no blow-up through the clamped direction: the reconstruction stays at the dense weight's scale
         w = dense.get_submodule(name).weight.abs().max()
         assert model.get_submodule(name).dense_weight().abs().max() < 3 * w, name
@@ -565,7 +567,8 @@ def test_fewer_tokens_than_features_gives_finite_weights(tiny_model, calib_ids, 
     result = compress(model, recipe, batches=calib_ids(1, 8))  # 8 tokens: every Gram has rank <= 8 < 64
     _assert_finite(model)
     for rep in result.modules:
-        assert rep.clamped_eigenvalues >= rep.shape[1] - 8, rep.name
+        m, n = rep.shape
+        assert rep.clamped_eigenvalues >= n - 8 if m >= n else rep.clamped_eigenvalues == 0, rep.name
         # Every rank here (>= 8 for the residual, >= 17 for the factors) covers the span of the 8 calibration
         # tokens, so the output error on them is ~0 (measured <= 4e-4; the clamped floor is the rest).
         assert math.isfinite(rep.rel_output_error) and rep.rel_output_error < 1e-2, rep.name

@@ -102,7 +102,9 @@ def compress_layer(
     element_size = torch.empty((), dtype=storage_dtype).element_size()
     options = with_dense_bits(options, storage_dtype)
     factor_bits = getattr(options, "factor_bits", None) if method.factorizes else None
-    for owner, names in groups.items():
+    # The widest input first, its statistics dropped once its readers are done: down_proj's n² Gram is gone
+    # before gate/up's solves allocate theirs (one layer's peak is the largest Gram, not all of them at once).
+    for owner, names in sorted(groups.items(), key=lambda item: -_input_width(targets, item[1])):
         buckets: dict[tuple, list[str]] = {}
         for name in names:
             m, n = targets[name].weight.shape
@@ -148,8 +150,13 @@ def compress_layer(
                 # The replaced linear stays referenced by the caller's target lists: free its weight now, or
                 # every decoder layer's dense weights would live until compression ends.
                 lin.to("meta")
-        stats[owner].release_derived()
-    return reports
+        stats[owner].release()
+    order = {name: i for i, name in enumerate(targets)}
+    return sorted(reports, key=lambda report: order[report.name])
+
+
+def _input_width(targets: dict[str, nn.Linear], names: list[str]) -> int:
+    return max(targets[name].weight.shape[1] for name in names)
 
 
 def _keep_dense(reports: list, name: str, linear: nn.Linear, reason: str, element_size: int) -> None:

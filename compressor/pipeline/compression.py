@@ -16,6 +16,7 @@ or on disk with `layer_io`) is the runner's business.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -204,8 +205,8 @@ class Compression:
         if tuple(tuple(t) for t in self.layer_targets) != statistics.targets:
             raise ValueError("statistics were collected for other targets than this recipe's")
         for index, (groups, stats) in enumerate(statistics.layers):
-            if index >= self.start:
-                self._decompose(index, groups, stats)
+            if index >= self.start:  # (copies: the decomposition drops each input's statistics, not the caller's)
+                self._decompose(index, groups, {owner: copy.copy(s) for owner, s in stats.items()})
                 if self.journal is not None:
                     self.layer_done(index, find_decoder_layers(self.model)[1][index], [], None)
             if self.progress is not None:

@@ -255,7 +255,7 @@ def compress_layer(compress, model, targets, groups, stats, *args, **kwargs):
                 linear = targets[name]
                 set_submodule(model, name, module.to(linear.weight.device))
                 linear.to("meta")  # (as compress_layer does: the dense weight is dead from here on)
-            stats[owner].release_derived()
+            stats[owner].release()
     return [r for owner in groups for r in everyone[owner][0]]
 
 
