@@ -186,13 +186,17 @@ def _refine(layer, params, quant, dtype, storage_dtype, calls, targets, start, *
         changed = quant.write()
         saved()
         after, outs = evaluate(keep_outputs=True)
-        if changed:  # moved codes are a coarse, noisy step (all offsets start half a step from a flip): also judge
-            quant.write(move=False)  # the learnt scales and zero points on the codes the layer had, keep the better
-            kept, kept_outs = evaluate(keep_outputs=True)
-            if kept < after:
-                after, outs, changed = kept, kept_outs, quant.write(move=False)
-            else:
-                quant.write()
+        # Moved codes are a coarse, noisy step (every offset starts half a step from a flip): also judge the learnt
+        # scales and zero points on the codes the layer had and, beside Adam-trained factors, the quantised weights
+        # as they were; keep the best.
+        writes = {"moved": quant.write, "kept": lambda: quant.write(move=False), "restored": quant.restore}
+        choice = "moved"
+        for alternative in (["kept"] if changed else []) + (["restored"] if params and quant else []):
+            writes[alternative]()
+            error, alternative_outs = evaluate(keep_outputs=True)
+            if error < after:
+                after, outs, choice = error, alternative_outs, alternative
+        changed = writes[choice]()
         if not after <= before:  # a step size too large for this layer: never hand on a worse layer
             with torch.no_grad():
                 for p, original in zip(params, originals):

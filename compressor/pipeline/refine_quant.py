@@ -186,7 +186,8 @@ class QuantRefinement:
     def write(self, move: bool = True) -> int:
         return sum(matrix.write(move) for _, _, matrices in self.modules for matrix in matrices)
 
-    def restore(self) -> None:
+    def restore(self) -> int:
         for _, _, matrices in self.modules:
             for matrix in matrices:
                 matrix.restore()
+        return 0  # codes changed
