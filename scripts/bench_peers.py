@@ -76,11 +76,11 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[int | None, s
     return rc, log.read_text(errors="replace")
 
 
-def evaluate(folder: Path, args) -> float:
+def evaluate(folder: Path, args, log: Path) -> float:
     """Perplexity by `lrc eval` (the same command for every row), run in lrc's own environment."""
     cmd = [sys.executable, "-m", "compressor", "eval", str(folder), "--seqlen", str(args.eval_seqlen),
            "--max-windows", str(args.max_windows), "--json"]
-    rc, text = run_logged(cmd, folder.parent / "eval.log", args.timeout)
+    rc, text = run_logged(cmd, log, args.timeout)
     if rc != 0:
         raise RuntimeError(f"lrc eval failed: {last_error(text)}")
     return json.loads(text[text.index("{"):])["ppl"]
@@ -110,7 +110,7 @@ def run_peer(job: PeerJob, args, calib: Path, work: Path) -> dict:
     row.update(version=result["version"], setting=result["setting"], seconds=result["seconds"],
                checkpoint_bytes=checkpoint_bytes(quantized),
                target_bytes=target_bytes(quantized) or result.get("target_bytes"))
-    row["ppl"] = evaluate(work / "dense", args)
+    row["ppl"] = evaluate(work / "dense", args, work / "eval.log")
     return row
 
 
@@ -130,7 +130,7 @@ def run_lrc(label: str, recipe: str | None, overrides: list[str], args, work: Pa
         return {**row, "error": "timed out" if rc is None else last_error(text)}
     report = json.loads((out / "report.json").read_text())
     row.update(seconds=report["timings_seconds"].get("compress_total"), checkpoint_bytes=checkpoint_bytes(out),
-               target_bytes=target_bytes(out), ppl=evaluate(out, args))
+               target_bytes=target_bytes(out), ppl=evaluate(out, args, work / "eval.log"))
     return row
 
 
@@ -191,7 +191,7 @@ def main():
     wanted = lambda key: not args.only or any(o in key for o in args.only)  # noqa: E731
 
     dense = cached(work / "dense", False, lambda: {"tool": "dense", "setting": "float32", "ppl": evaluate(
-        Path(args.model), args), "checkpoint_bytes": checkpoint_bytes(Path(args.model)),
+        Path(args.model), args, work / "dense" / "eval.log"), "checkpoint_bytes": checkpoint_bytes(Path(args.model)),
         "target_bytes": target_bytes(Path(args.model))})
     rows = []
     for job in peer_jobs(args.autoround_iters):

@@ -118,13 +118,47 @@ def _dense_from_saved(model_dir: str, folder: Path, **load_options):
                 module.weight.copy_(weight.float())
                 read += 1
                 continue
-            dtype = next((t.dtype for t in loaded.buffers() if t.is_floating_point()), torch.float32)
-            eye = torch.eye(module.in_features, dtype=dtype)
+            eye = torch.eye(module.in_features)  # float32 in: the kernel's own output dtype is its rounding
             out = loaded(eye) - loaded(torch.zeros_like(eye[:1]))
             module.weight.copy_(out.float().T)
             read += 1
     if read == 0:
         raise RuntimeError(f"{folder}: no decoder linear could be read back")
+    return dense
+
+
+def _autoround_dense(model_dir: str, folder: Path, bits: int, group: int):
+    """The original model with each decoder linear decoded from AutoRound's saved packing (auto_round:auto_gptq) by
+    AutoRound's own torch kernel. Its transformers loader is not used: on CPU it maps linears whose width does not
+    divide by the group (SmolLM2's 576 by 128) to a dense fake-quant module and leaves their weights random."""
+    from auto_round_extension.torch.qlinear_torch_zp import QuantLinear
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            if not isinstance(module, nn.Linear) or ".layers." not in name:
+                continue
+            # the kernel repeats each group's scale `group` times: a width that does not divide by the group is
+            # decoded as the padded width (zero codes appended, 32 inputs per bits int32 rows) and cut back
+            padded = -(-module.in_features // group) * group
+            kernel = QuantLinear(bits, group, padded, module.out_features, bias=False)
+            qweight = state[f"{name}.qweight"]
+            qweight = torch.cat([qweight, qweight.new_zeros((padded - module.in_features) // 32 * bits,
+                                                            qweight.shape[1])])
+            for buffer, stored in (("qweight", qweight), ("qzeros", state[f"{name}.qzeros"]),
+                                   ("scales", state[f"{name}.scales"])):
+                if stored.shape != getattr(kernel, buffer).shape:
+                    raise RuntimeError(f"{name}.{buffer}: stored {tuple(stored.shape)}, kernel expects "
+                                       f"{tuple(getattr(kernel, buffer).shape)}")
+                setattr(kernel, buffer, stored)
+            module.weight.copy_(kernel(torch.eye(padded))[: module.in_features].float().T)
+            if f"{name}.bias" in state:
+                module.bias.copy_(state[f"{name}.bias"].float())
     return dense
 
 
@@ -134,14 +168,14 @@ def run_autoround(args, model, tokenizer, out: Path, calib: torch.Tensor) -> dic
     group = args.group_size or 128
     rounder = AutoRound(model, tokenizer, bits=args.bits, group_size=group, sym=True,
                         dataset=[row.unsqueeze(0) for row in calib], iters=args.iters, nsamples=calib.shape[0],
-                        seqlen=calib.shape[1], device_map="cpu")
+                        seqlen=calib.shape[1], device_map="cpu", enable_torch_compile=False)
     start = time.perf_counter()
     rounder.quantize()
     seconds = time.perf_counter() - start
     rounder.save_quantized(str(out / "quantized"), format="auto_round")
-    dense = _dense_from_saved(args.model, out / "quantized")
+    dense = _autoround_dense(args.model, out / "quantized", args.bits, group)
     save_dense(dense, tokenizer, out / "dense")
-    light = " (light)" if args.iters < 200 else ""
+    light = "" if args.iters >= 200 else " (light)" if args.iters >= 50 else " (below the light setting's 50)"
     return {"setting": f"w{args.bits} g{group} sym, iters={args.iters}{light}, nsamples={calib.shape[0]}, "
                        f"seqlen={calib.shape[1]}", "seconds": seconds}
 
