@@ -176,6 +176,17 @@ def _release_all_but(model: nn.Module, keep: nn.Module) -> None:
     release_freed_memory()
 
 
+def bound_heap_fragmentation() -> None:
+    """Serve every allocation above 1 MiB by mmap, so that freeing it returns it to the OS at once. glibc's default
+    threshold grows with each large block freed (up to 32 MiB), after which a layer's many 1-32 MiB temporaries
+    (batch activations, Gram column blocks) fragment the heap: measured on Qwen2.5-1.5B --low-memory, a layer's
+    peak RSS 2.27 → 2.10 GB. Linux/glibc only; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps fragments of freed tensors below its mmap threshold,
     hundreds of MB per 1B-sized layer); no-op elsewhere."""
@@ -219,6 +230,7 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    bound_heap_fragmentation()
     folder = _local_checkpoint(name_or_path)
     if not (folder / CONFIG_NAME).is_file():
         raise UserError(f"not a model directory (no config.json): {name_or_path}")
