@@ -180,6 +180,7 @@ def test_two_schemes_and_low_rank_only_outputs_are_refused(tmp_path, tiny_model,
         one_error_line(run("export", out, flag, "-o", tmp_path / "x"), "need two compressed-tensors schemes")
     svd = _compress(tmp_path / "svd", tiny_model, calib_ids, "svd-20", [])
     one_error_line(run("export", svd, "--serving", "-o", tmp_path / "x"), "use --dense")
+    one_error_line(run("export", svd, "--serving", "--dense", "-o", tmp_path / "x"), "exactly one")
     assert not (tmp_path / "x").exists() and hidden(tmp_path) == []
 
 
