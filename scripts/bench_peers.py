@@ -134,11 +134,14 @@ def run_lrc(label: str, recipe: str | None, overrides: list[str], args, work: Pa
     return row
 
 
-def cached(work: Path, fresh: bool, make) -> dict:
-    """The row stored at work/row.json, else make() it (in a clean folder) and store it."""
+def cached(work: Path, fresh: bool, make, stored_only: bool = False) -> dict:
+    """The row stored at work/row.json, else make() it (in a clean folder) and store it; with `stored_only`, a row
+    not stored yet is reported as not run (and a run in progress there is left alone)."""
     path = work / "row.json"
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
+    if stored_only:
+        return {"error": "did not fit the recorded session's time box"}
     if work.exists():
         import shutil
 
@@ -167,6 +170,8 @@ def main():
     parser.add_argument("--only", nargs="*", help="rows whose key contains one of these (e.g. hqq, lrc-gptq)")
     parser.add_argument("--no-lrc", action="store_true", help="run the peers only")
     parser.add_argument("--fresh", action="store_true", help="redo rows already stored under --work")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="tabulate the rows stored under --work; the others are rows that say they were not run")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "peers" / "runs")
     parser.add_argument("--venvs", type=Path, default=ROOT / ".cache" / "peers")
     parser.add_argument("--json", type=Path, default=Path("bench-results/peers.json"))
@@ -196,8 +201,10 @@ def main():
     rows = []
     for job in peer_jobs(args.autoround_iters):
         if wanted(job.key):
-            rows.append(row := cached(work / job.key, args.fresh, lambda: run_peer(job, args, calib, work / job.key)))
+            rows.append(row := cached(work / job.key, args.fresh, lambda: run_peer(job, args, calib, work / job.key),
+                                     args.stored_only))
             row.setdefault("tool", job.tool)
+            row.setdefault("version", PEERS[job.tool][0].split("==")[1])
             row.setdefault("setting", job.key)
             row["short"] = f"w{job.bits}"
             print(f"{job.key}: {row.get('ppl', row.get('error'))}", flush=True)
@@ -222,16 +229,25 @@ def lrc_rows(peers: list[dict], dense: dict, args, work: Path, wanted) -> list[d
     """lrc at every peer's measured bytes (--target-size), then its gptq and eora recipes at 4 and 3 bits."""
     rows = []
     kept_dense = dense["checkpoint_bytes"] - dense["target_bytes"]  # embeddings and norms, which lrc keeps as they are
+    done: dict[int, dict] = {}  # target bytes -> lrc row: peers within 0.1 % of each other share one lrc run
     for peer in peers:
         if peer.get("error") or not peer.get("target_bytes"):
+            continue
+        twin = next((b for b in done if abs(b - peer["target_bytes"]) <= 1e-3 * b), None)
+        if twin is not None:
+            done[twin]["short"] += f", {peer['tool']} {peer['short']}"
             continue
         size = peer["target_bytes"] + kept_dense
         key = f"lrc-target-{peer['target_bytes']}"
         if wanted(key):
             label = f"--target-size {size} (= {peer['tool']} {peer['short']} targets + lrc's dense rest)"
             rows.append(row := cached(work / key, args.fresh, lambda: run_lrc(label, None, [], args, work / key,
-                                                                               size=size, bits=peer["bits"])))
+                                                                               size=size, bits=peer["bits"]),
+                                      args.stored_only))
+            row.setdefault("tool", "lrc")
+            row.setdefault("setting", label)
             row["short"] = f"@{peer['tool']} {peer['short']}"
+            done[peer["target_bytes"]] = row
             print(f"{key}: {row.get('ppl', row.get('error'))}", flush=True)
     for bits in (4, 3):
         for name, recipe, overrides in (("gptq", "rtn-4bit", ["method=gptq", f"bits={bits}"]),
@@ -240,7 +256,10 @@ def lrc_rows(peers: list[dict], dense: dict, args, work: Path, wanted) -> list[d
             if wanted(key):
                 label = f"{recipe} " + " ".join(f"--set {o}" for o in overrides)
                 rows.append(row := cached(work / key, args.fresh, lambda: run_lrc(label, recipe, overrides, args,
-                                                                                   work / key, bits=bits)))
+                                                                                   work / key, bits=bits),
+                                          args.stored_only))
+                row.setdefault("tool", "lrc")
+                row.setdefault("setting", label)
                 row["short"] = f"{name} w{bits}"
                 print(f"{key}: {row.get('ppl', row.get('error'))}", flush=True)
     return rows

@@ -73,7 +73,8 @@ def plot(data: dict, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = [r for r in data["rows"] if not r.get("error") and r.get("target_bytes")]
+    # dense is the dashed line: as a point, its 8x larger bytes would squeeze every compressed row into one corner
+    rows = [r for r in data["rows"] if not r.get("error") and r.get("target_bytes") and r["tool"] != "dense"]
     fig = Figure(figsize=(13, 5))
     FigureCanvasAgg(fig)
     quality, speed = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
