@@ -86,7 +86,7 @@ def test_a_quantised_refinement_that_makes_the_layer_worse_is_reverted(tiny_mode
     layer, modules, calls, targets = _layer0(tiny_model, calib_ids, "rtn")
     start = _buffers(layer)
     unrefined, _ = _refine(layer, modules, calls, targets, epochs=0)
-    report, outs = _refine(layer, modules, calls, targets, quant_lr=1.0)  # every scale to ×0.5 or ×1.5
+    report, outs = _refine(layer, modules, calls, targets, quant_lr=1.0)  # zero points a whole step at once
     assert report.reverted and report.codes_changed == 0
     assert report.loss_after == unrefined.loss_before == report.loss_before
     assert _error(outs, targets) == pytest.approx(unrefined.loss_before, rel=1e-9)
