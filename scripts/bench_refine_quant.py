@@ -78,6 +78,7 @@ def main():
     data = {"model": args.model, "dense_ppl": dense.ppl, "eval": {"windows": dense.windows, "seqlen": dense.seqlen},
             "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen}, "refine": args.refine,
             "threads": torch.get_num_threads(), "rows": rows}
+    print(f"\n(seconds: wall-clock with {torch.get_num_threads()} thread(s) on this machine, shared or not)")
     print(f"\n| recipe | dense | plain | refined | Δ plain | Δ refined | s plain | s refined |\n|---|---:|---:|---:|---:|"
           f"---:|---:|---:|")
     for row in rows:
