@@ -111,6 +111,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(ROOT / ".cache" / "synthetic-1b"))
     parser.add_argument("-r", "--recipe", default="rtn-4bit")
+    parser.add_argument("--in-memory", action="store_true", help="without --low-memory (and uncapped): the "
+                                                                      "reference for the --low-memory peak")
     parser.add_argument("--target-size", default=None, help="passed to lrc compress (then the recipe is `auto` "
                                                              "unless -r names another)")
     parser.add_argument("--cap-gb", type=float, default=None, help="default: 2 GiB + one decoder layer at fp32")
@@ -127,11 +129,13 @@ def main():
     on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     layer_fp32 = layer_bytes_fp32(folder)
     label = args.recipe if args.target_size is None else f"{args.recipe}-target-{args.target_size}"
+    label += "-in-memory" if args.in_memory else ""
     work = ROOT / "out" / f"bench-memory-{folder.name}-{label}"
     out = work / "out"
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "compressor.cli", "compress", str(folder), "-r", args.recipe, "-o", str(out),
-           "--overwrite", "--low-memory", "--no-plots", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+           "--overwrite", "--no-plots", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    cmd += [] if args.in_memory else ["--low-memory"]
     if args.target_size is not None:
         cmd += ["--target-size", args.target_size]
     disk_peak = [0]
@@ -142,7 +146,7 @@ def main():
             disk_peak[0] = max(disk_peak[0], du(work))
 
     cap = int(args.cap_gb * GB) if args.cap_gb else 2 * GB + layer_fp32
-    cgroup = MemoryCgroup(cap)
+    cgroup = MemoryCgroup(cap) if not args.in_memory else MemoryCgroup(1 << 62)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t1 = time.perf_counter()
     poller = threading.Thread(target=poll, daemon=True)
@@ -177,7 +181,7 @@ def main():
     fmt = lambda b: "n/a" if b is None else f"{b / GB:.2f} GiB"  # noqa: E731
     print(f"checkpoint {folder.name}: {fmt(on_disk)} bf16 on disk, {fmt(on_disk * 2)} at fp32; one layer "
           f"{fmt(layer_fp32)} fp32")
-    print(f"{label} --low-memory, calibration {args.nsamples}×{args.seqlen}, memory cap "
+    print(f"{label}{'' if args.in_memory else ' --low-memory'}, calibration {args.nsamples}×{args.seqlen}, memory cap "
           f"{fmt(result['cap_bytes'])} ({result['cgroup']}): exit {done.returncode} after {seconds:.0f} s")
     print(f"peak RSS {fmt(result['peak_rss_bytes'])}; cgroup peak (incl. page cache) {fmt(cgroup_peak)}; "
           f"bound 2 GiB + one layer = {fmt(result['bound_bytes'])}; output {fmt(result['output_bytes'])}; disk peak "
