@@ -50,3 +50,37 @@ def test_cross_and_gram_are_accumulated_in_column_blocks_with_the_same_result(mo
         assert got.dtype == torch.float64 and got.shape == (n, n)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # fp32 products: diag ≈ 100
         torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-4)
+
+
+class _Flops(TorchDispatchMode):
+    """Multiply-adds of every matmul (m·k·n)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func == torch.ops.aten.mm.default:
+            self.total += args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+        return out
+
+
+def test_the_gram_computes_its_upper_blocks_only_and_is_exactly_symmetric(monkeypatch):
+    """xᵀx is symmetric: only the blocks on and above the diagonal are multiplied (≤ 0.6 of the full product's
+    multiply-adds at 8 blocks), the rest mirrored, and the result is the full product's."""
+    g = torch.Generator().manual_seed(1)
+    n, tokens = 64, 30
+    x = torch.randn(tokens, n, generator=g)
+    monkeypatch.setattr(stats_module, "GRAM_COLUMNS", 8)
+    linear = nn.Linear(n, 1, bias=False)
+    collector = StatsCollector({"lin": linear}, frozenset({"gram"}))
+    collector.start_batch()
+    with torch.no_grad(), _Flops() as flops:
+        linear(x)
+    collector.remove()
+    gram = collector.stats["lin"].gram
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    full = tokens * n * n
+    assert flops.total - tokens * n <= 0.6 * full  # (the linear's own forward: tokens × n × 1)

@@ -73,6 +73,19 @@ class Stats:
         self._derived.clear()
 
 
+def _add_gram_blocked(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += xᵀ x, column block by column block, computing only the blocks on and above the diagonal (the
+    product is symmetric: ~half the flops, and the Gram is most of a calibration pass at 8960+ features), then
+    mirroring them below it; temporaries stay n × GRAM_COLUMNS as in _add_blocked."""
+    n = x.shape[-1]
+    for j in range(0, n, GRAM_COLUMNS):
+        stop = min(j + GRAM_COLUMNS, n)
+        total[:stop, j:stop].add_(x[:, :stop].T @ x[:, j:stop])
+    for j in range(0, n, GRAM_COLUMNS):
+        stop = min(j + GRAM_COLUMNS, n)
+        total[stop:, j:stop].copy_(total[j:stop, stop:].T)
+
+
 def _add_blocked(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """total += leftᵀ right, GRAM_COLUMNS columns at a time: the fp32 product and its fp64 copy stay
     n × GRAM_COLUMNS (117 MB at n = 28672) instead of n × n (3.3 GB for a 70B down_proj)."""
@@ -129,8 +142,7 @@ class StatsCollector:
             if s.gram is None:
                 s.gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
             for chunk in x.split(GRAM_CHUNK):
-                c = chunk.float()
-                _add_blocked(s.gram, c, c)
+                _add_gram_blocked(s.gram, chunk.float())
         if "cross" in self.needs:
             self._accumulate_cross(s, name, x)
         if "abs_mean" in self.needs:
