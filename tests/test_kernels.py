@@ -44,9 +44,11 @@ def _bf16_reference(x, factors: Quantized, packed: kernels.Packed):
     int8: plus the zero points' offset term in fp32."""
     n = factors.in_features
     q = quant.unpack(factors.qweight, factors.bits, n).double()
+    if packed.kind == "int4":
+        q = q + 8 - 2 ** (factors.bits - 1)  # narrower codes shifted to the middle of the int4 range
     xb = x.to(torch.bfloat16).double()
     if packed.kind == "int8":
-        product = xb @ ((q - 128) * packed.scales.double()[:, None]).T
+        product = xb @ ((q - 2 ** (factors.bits - 1)) * packed.scales.double()[:, None]).T
         return product.to(torch.bfloat16).float() + x.sum(-1, keepdim=True) * packed.offset
     sz = packed.scales.double()  # (K/g, N, 2)
     s = sz[..., 0].T.repeat_interleave(packed.group, dim=1)
@@ -61,11 +63,15 @@ def _bf16_reference(x, factors: Quantized, packed: kernels.Packed):
     (4, 256, 512, 32),
     (8, 1024, 576, 64),  # one group per row: int8 per output channel
     (8, 96, 96, 32),
+    (3, 128, 576, 64),   # 3- and 2-bit codes are 4-bit codes with the top values unused: the int4 kernel, exactly
+    (2, 64, 256, 32),
+    (6, 576, 576, 32),   # 5-7 bits with one group per row: q − 128 fits the int8 kernel
+    (5, 2048, 576, 16),
 ])
 def test_packed_kernel_equals_its_bf16_reference_and_the_dequantise_path(bits, group_size, n, m):
     factors = _quantized(m, n, bits, group_size)
     packed = kernels.pack(factors.qweight, factors.qzeros, factors.scales, bits, group_size, n, "cpu")
-    assert packed.kind == ("int4" if bits == 4 else "int8")
+    assert packed.kind == ("int4" if bits <= 4 else "int8")
     x = torch.randn(7, n, generator=torch.Generator().manual_seed(1))
     y = kernels.matmul(x, packed)
     assert y.dtype == torch.float32 and y.shape == (7, m)
@@ -77,8 +83,8 @@ def test_packed_kernel_equals_its_bf16_reference_and_the_dequantise_path(bits, g
 
 
 @pytest.mark.parametrize("bits,group_size,n,m,why", [
-    (3, 128, 256, 32, "no 3-bit"), (4, 100, 200, 32, "32/64/128/256"), (4, 128, 256, 40, "divisible by 16"),
-    (8, 64, 256, 32, "several groups"), (2, 64, 128, 32, "no 2-bit"),
+    (3, 100, 200, 32, "32/64/128/256"), (4, 100, 200, 32, "32/64/128/256"), (4, 128, 256, 40, "divisible by 16"),
+    (8, 64, 256, 32, "several groups"), (6, 128, 256, 32, "no 6-bit"), (5, 128, 576, 32, "no 5-bit"),
 ])
 def test_layouts_without_a_kernel_say_why(bits, group_size, n, m, why):
     reason = kernels.fallback_reason(bits, group_size, n, m, "cpu")
@@ -88,24 +94,25 @@ def test_layouts_without_a_kernel_say_why(bits, group_size, n, m, why):
         kernels.pack(factors.qweight, factors.qzeros, factors.scales, bits, group_size, n, "cpu")
 
 
-@pytest.mark.parametrize("bits,group_size,n,rank", [(4, 128, 192, 0), (4, 64, 128, 8), (8, 512, 128, 4)])
+@pytest.mark.parametrize("bits,group_size,n,rank", [(4, 128, 192, 0), (4, 64, 128, 8), (8, 512, 128, 4),
+                                                    (3, 128, 576, 0), (2, 64, 128, 4), (6, 128, 128, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantlinear_kernel_path_matches_the_dequantise_path(bits, group_size, n, rank, dtype):
     factors = _quantized(48, n, bits, group_size, rank=rank)
     module = module_from_factors(factors, torch.randn(48), dtype).eval()
-    assert module.prepare() == ("int4" if bits == 4 else "int8")
+    assert module.prepare() == ("int4" if bits <= 4 else "int8")
     x = torch.randn(2, 5, n, dtype=dtype, generator=None)
     with torch.no_grad():
         y = module(x)
         ref = module.dequantized_forward(x) + (module.lora_B(module.lora_A(x)) if rank else 0)
     assert y.dtype == dtype
     assert _rel(y, ref) < (BF16_TOL if dtype == torch.float32 else 2 * BF16_TOL)
-    # 4-bit: half a byte per weight + bf16 scales/zeros; 8-bit: a byte + bf16 scale and fp32 offset per row
-    assert module.kernel_bytes() <= 48 * n * bits / 8 + 48 * (4 * n // 32 if bits == 4 else 6)
+    # int4: half a byte per weight + bf16 scales/zeros; int8: a byte + bf16 scale and fp32 offset per row
+    assert module.kernel_bytes() <= 48 * n / (2 if bits <= 4 else 1) + 48 * (4 * n // 32 if bits <= 4 else 6)
 
 
 def test_fallback_warns_once_and_is_chunked_exactly():
-    factors = _quantized(64, 256, 3, 128)
+    factors = _quantized(64, 256, 5, 128)
     module = module_from_factors(factors, None, torch.float32).eval()
     x = torch.randn(3, 256)
     with warnings.catch_warnings(record=True) as caught:
@@ -113,12 +120,12 @@ def test_fallback_warns_once_and_is_chunked_exactly():
         with torch.no_grad():
             y, y2 = module(x), module(x)
     assert len([w for w in caught if "dequantise" in str(w.message)]) == 1
-    assert "3-bit" in str(caught[0].message)
+    assert "5-bit" in str(caught[0].message)
     assert torch.equal(y, y2)
     torch.testing.assert_close(y, x @ module.dequantized_weight().T, rtol=1e-5, atol=1e-5)
-    rows = kernels.fallback_rows(256, 64, 3, 4)
+    rows = kernels.fallback_rows(256, 64, 5, 4)
     assert rows < 64  # several chunks: the temporaries stay under half the dense layer's bytes
-    assert rows * 256 * (8 * 3 + 16) <= 64 * 256 * 4 / 2 or rows == 16
+    assert rows * 256 * (8 * 5 + 16) <= 64 * 256 * 4 / 2 or rows == 16
 
 
 def test_gradients_through_x_take_the_dequantise_path():

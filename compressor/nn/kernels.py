@@ -5,19 +5,24 @@ group of input columns: w = (q − z)·s (compressor/quant.py). torch ships two 
 
 - int4 (gpt-fast's "tinygemm" layout): `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA) compute
   x·Wᵀ with w = (q − 8)·s + z' per group, from `scales_and_zeros` (K/g, N, 2) = [s, z']. So z' = (8 − z)·s, exact
-  in fp32 (a 4-bit integer times an fp16). The kernel's group g must be 32, 64, 128 or 256 and divide K: lrc's
-  group G is re-expressed as groups of g | gcd(G, K) with repeated scales (same weights; G = 128 on K = 576 → g =
-  64), so ragged last groups need no padding. N must be a multiple of 16 on CPU (8 on CUDA).
+  in fp32 (a 4-bit integer times an fp16); narrower codes are shifted to the middle of the range (`pack`). The
+  kernel's group g must be 32, 64, 128 or 256 and divide K: lrc's group G is re-expressed as groups of
+  g | gcd(G, K) with repeated scales (same weights; G = 128 on K = 576 → g = 64), so ragged last groups need no padding. N must be a multiple of 16 on CPU (8 on CUDA).
 - int8 per output channel: `_weight_int8pack_mm(x, w int8 (N, K), s (N,))` = x·(w·s)ᵀ. With one group per row,
-  (q − z)·s = (q − 128)·s + (128 − z)·s, so y = int8mm(x, q − 128, s) + (Σₖ x) ⊗ (128 − z)·s.
+  (q − z)·s = (q − h)·s + (h − z)·s with h = 2^(b−1) (128 at 8 bits), so
+  y = int8mm(x, q − h, s) + (Σₖ x) ⊗ (h − z)·s.
 
 Measured on torch 2.13's CPU build (x86 with avx512_bf16): both kernels are vectorised for bfloat16 activations
 only — fp32 and fp16 inputs take a scalar loop 30–100× slower than a dense fp32 GEMM. On CPU the activations are
 therefore cast to bf16 for the kernel and the output cast back (relative rounding 2⁻⁹ per activation, far inside a
 4-bit weight's error; tests/test_kernels.py bounds it). The CUDA kernel takes bf16 as well.
 
-Everything else (3-, 5-, 6-, 7-bit, 2-bit, grouped 8-bit, shapes a kernel refuses, a torch build without the op,
-CUDA int4 below sm80) has no kernel: the caller keeps its dequantise-per-forward path and `fallback_reason` says why.
+Narrower codes ride the same kernels exactly (`kernel_kind`): 2- and 3-bit codes are 4-bit codes that leave the top
+values unused, so they take the int4 kernel with the same scales and zero points; 5- to 7-bit codes with one group
+per row take the int8 one (q − 2^(b−1) fits an int8). Everything else (5-, 6-, 7-bit or 8-bit with several groups per
+row: the int8 kernel has one scale per output channel, so a grouped layout is not exact on it; shapes a kernel
+refuses, a torch build without the op, CUDA int4 below sm80) has no kernel: the caller keeps its
+dequantise-per-forward path and `fallback_reason` says why.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ INT4_GROUPS = (256, 128, 64, 32)
 class Packed:
     """One linear's weight in a kernel's layout, for one device. `weight`: int4 packed (CPU uint8 (N, K/2); CUDA
     int32 tiles) or int8 (N, K); `scales`: int4 scales_and_zeros (K/g, N, 2) or int8 (N,) scales, in the kernel's
-    activation dtype (bf16: the kernels take no other); `offset`: int8 only, (N,) fp32 (128 − z)·s."""
+    activation dtype (bf16: the kernels take no other); `offset`: int8 only, (N,) fp32 (2^(b−1) − z)·s."""
 
     kind: str
     weight: torch.Tensor
@@ -71,21 +76,40 @@ def has_kernel(op: str, device_type: str) -> bool:
         return False
 
 
+def kernel_kind(bits: int, group_size: int, in_features: int) -> str | None:
+    """The kernel whose layout holds these codes exactly: "int4" (1-4 bits), "int8" (5-8 bits, one group per row),
+    or None."""
+    if bits <= 4:
+        return "int4"
+    if bits <= 8 and quant.num_groups(in_features, group_size) == 1:
+        return "int8"
+    return None
+
+
+def has_packed_ops(kind: str, device_type: str = "cpu") -> bool:
+    """Whether this torch build has every op of `kind`'s path ("int4"/"int8") for `device_type`."""
+    return all(has_kernel(op, device_type) for op in OPS.get((kind, device_type), ("",)))
+
+
 def fallback_reason(bits: int, group_size: int, in_features: int, out_features: int, device) -> str | None:
     """Why torch has no packed kernel for this layout on `device` (None: it has one)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     if device.type not in ("cpu", "cuda"):
         return f"no packed kernel on {device.type}"
-    for op in OPS.get((f"int{bits}", device.type), ()):
+    kind = kernel_kind(bits, group_size, in_features)
+    if kind is None:
+        return (f"torch has no {bits}-bit packed kernel for {group_size}-column groups (the int8 kernel takes one "
+                f"scale per output channel; this layout has several groups per row)")
+    for op in OPS[(kind, device.type)]:
         if not has_kernel(op, device.type):
             return f"this torch build ({torch.__version__}) has no {device.type.upper()} kernel for aten.{op}"
-    if bits == 4 and cuda:
+    if kind == "int4" and cuda:
         capability = tuple(torch.cuda.get_device_capability(device))
         if capability < CUDA_INT4_CAPABILITY:
             return (f"the CUDA int4 kernel needs compute capability {'.'.join(map(str, CUDA_INT4_CAPABILITY))}+, "
                     f"this GPU has {'.'.join(map(str, capability))}")
-    if bits == 4:
+    if kind == "int4":
         if _int4_group(group_size, in_features) is None:
             return (f"int4 kernels need a group of 32/64/128/256 columns dividing in_features; group_size "
                     f"{group_size}, in_features {in_features}")
@@ -94,11 +118,7 @@ def fallback_reason(bits: int, group_size: int, in_features: int, out_features: 
         if cuda and in_features % 32:
             return f"CUDA int4 kernel needs in_features divisible by 32, got {in_features}"
         return None
-    if bits == 8:
-        if quant.num_groups(in_features, group_size) != 1:
-            return "the int8 kernel takes one scale per output channel; this layout has several groups per row"
-        return None
-    return f"torch has no {bits}-bit packed kernel"
+    return None  # int8: kernel_kind has checked the one group per row
 
 
 @torch.no_grad()
@@ -114,14 +134,22 @@ def pack(qweight, qzeros, scales, bits: int, group_size: int, in_features: int, 
     q = quant.unpack(qweight.to(device), bits, in_features)  # (N, K) int32
     z = quant.unpack(qzeros.to(device), bits, groups).float()  # (N, groups)
     s = scales.to(device).float()
-    if bits == 8:
-        weight = (q - 128).to(torch.int8)
-        return Packed("int8", weight, s[:, 0].to(torch.bfloat16), in_features, ((128 - z) * s)[:, 0].contiguous())
+    if kernel_kind(bits, group_size, in_features) == "int8":
+        # Centred (as the int4 codes below): (q − z)·s = (q − h)·s + (h − z)·s with h = 2^(b−1), q − h ∈ [−128, 128) for 5-8 bits,
+        # so the bf16 product and the offset term stay as small as the weights (no cancellation of large terms).
+        half = 2 ** (bits - 1)
+        weight = (q - half).to(torch.int8)
+        return Packed("int8", weight, s[:, 0].to(torch.bfloat16), in_features, ((half - z) * s)[:, 0].contiguous())
     g = _int4_group(group_size, in_features)
     rep = group_size // g
     k_groups = in_features // g
+    # Narrower codes are shifted to the middle of the int4 range: w = (q + c − 8)·s + (8 − c − z)·s, the same value,
+    # with a zero term |8 − c − z| ≤ 2^(b−1) as small as a native b-bit one (unshifted, a 2-bit code's two terms
+    # of ~8·s cancel to ~s, and their bf16 roundings grow 4× relative to it).
+    shift = 8 - 2 ** (bits - 1)
+    q = q + shift
     s4 = s.repeat_interleave(rep, dim=1)[:, :k_groups]
-    z4 = ((8 - z) * s).repeat_interleave(rep, dim=1)[:, :k_groups]
+    z4 = ((8 - shift - z) * s).repeat_interleave(rep, dim=1)[:, :k_groups]
     scales_and_zeros = torch.stack([s4, z4], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     if device.type == "cuda":
         tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)

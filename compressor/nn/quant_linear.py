@@ -58,7 +58,8 @@ class QuantLinear(nn.Module):
     def prepare(self) -> str:
         """Convert the stored codes to a packed kernel's layout on their device, once (done at load time and again
         after a device change). Returns the path forward() takes: "int4", "int8", or "dequantize" (the per-forward
-        fallback for layouts torch has no kernel for, e.g. 3-bit; warned about once per layout)."""
+        fallback for layouts torch has no kernel for, e.g. grouped 5-/6-bit; warned about once per layout). 2- and 3-bit
+        codes run on the int4 kernel, per-row 5- to 7-bit ones on the int8 kernel (kernels.kernel_kind)."""
         if self._packed is not None:
             return self._packed.kind
         if self.rank:
