@@ -52,7 +52,7 @@ def _plan_and_build(W, stats, options):
 
 def test_auto_factors_gptqs_hessian_once_per_input_with_the_same_result(monkeypatch):
     W, stats = _case()
-    options = AutoOptions(group_size=16, rank_step=8)
+    options = AutoOptions(group_size=16, rank_step=8, speed="any")  # all five widths and both factor probes
     counts = _count_hessians(monkeypatch)
     for w in W:
         auto.choices(w, stats, options)

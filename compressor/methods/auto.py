@@ -4,10 +4,9 @@
 Candidates (`candidates`), each at the exact bytes the checkpoint will hold (compressor.budget.rank):
 - `svd-llm`:        whitened truncation (SVD-LLM), factors in the output dtype, rank r;
 - `svd-llm-int8`, `svd-llm-int4`: the same with 8-/4-bit factors (compressor/methods/factor_quant.py);
-- `gptq-8bit` … `gptq-3bit`: GPTQ with `group_size` columns per scale (8-bit: one scale per row). 8 and 4 bits
-                    run through torch's packed matmul kernels; 6, 5 and 3 bits dequantise on every forward (slower
-                    inference, the same bytes on disk and in memory) — leave them out of `candidates` to keep every
-                    layer on a kernel;
+- `gptq-8bit` … `gptq-3bit`: GPTQ with `group_size` columns per scale (8-bit: one scale per row). 8, 4 and 3
+                    bits run through torch's packed matmul kernels (compressor/nn/kernels.py); 6 and 5 bits with
+                    groups dequantise on every forward (slower inference, the same bytes on disk and in memory);
 - `gptq-Nbit+eora`: that base plus an EoRA residual (whitened truncation of W − Q) of rank r, in the output dtype.
 
 Two ways to spend the budget:
@@ -27,6 +26,12 @@ Predicted errors, ‖(W − Ŵ)X‖² on the dense calibration inputs (G = X X�
 - GPTQ: measured, Σ_i h_i (Δ G Δᵀ)_ii;
 - quantised factors: the truncation's error plus κ × the kept energy, κ measured once per target and bit width at
   one probe rank (factor quantisation noise is roughly a fixed fraction of what the factors carry).
+`speed` (what the output's decode speed may cost): `packed` offers a target only the encodings that run there on a
+packed kernel of this torch build (kernels.fallback_reason on CPU: GPTQ at 8 bits per row and at 4/3/2 bits on the
+int4 kernel, where the shape allows) or as dense GEMMs (`svd-llm`, EoRA residuals), so `--target-size` never returns
+layers that dequantise on every forward (grouped 5-/6-bit GPTQ, 8-/4-bit low-rank factors); `any` offers every
+candidate. Unset, it is `packed` with the default candidates and `any` with a `candidates` list (a named encoding is
+built as asked). On SmolLM2 at 0.4× the slow widths bought 42.74 against 43.16 perplexity (docs/benchmarks.md).
 When no candidate fits the method raises a UserError: a budget lrc cannot meet is a one-line error, never a
 silent overshoot.
 
@@ -57,6 +62,7 @@ from compressor.errors import UserError
 from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, whitened_svd
 from compressor.methods.factor_quant import quantize_lowrank
+from compressor.nn import kernels
 from compressor.methods.gptq import GPTQOptions, gptq_hessian, gptq_quantize
 from compressor.budget.rank import factor_bytes, packed_bytes, rank_for_size
 from compressor.registry import register
@@ -64,8 +70,7 @@ from compressor.registry import register
 Candidate = Literal["svd-llm", "svd-llm-int8", "svd-llm-int4", "gptq-8bit", "gptq-6bit", "gptq-5bit", "gptq-4bit",
                     "gptq-3bit", "gptq-8bit+eora", "gptq-4bit+eora", "gptq-3bit+eora"]
 ALL: tuple = Candidate.__args__
-# Every candidate by default: on SmolLM2 the 6-/5-bit widths take --target-size 0.4 from 43.16 to 42.74 (docs/benchmarks.md),
-# at the price of layers without a packed kernel (the `candidates` override keeps every layer on one).
+# Every candidate by default; `speed` (unset: packed) then keeps those with a packed path on each target.
 DEFAULT: tuple = ALL
 LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}
 PROBE_SIZE = 0.4  # the size (fraction of dense bytes) at which quantised factors' noise is measured
@@ -81,6 +86,11 @@ class AutoOptions(BaseModel):
     export: Optional[Literal["compressed-tensors"]] = Field(
         None, description="only encodings that `lrc export --serving` writes at their budgeted size (the default "
                           "candidates are narrowed to those)")
+    speed: Optional[Literal["packed", "any"]] = Field(
+        None, description="packed: only encodings with a packed kernel (or dense GEMMs) on each target, so decode is "
+                          "no slower than dense; any: every candidate (grouped 5-/6-bit GPTQ and quantised low-rank "
+                          "factors dequantise on every forward); unset: packed with the default candidates, any with "
+                          "a candidates list")
     candidates: tuple[Candidate, ...] = Field(DEFAULT, min_length=1, validate_default=True,
                                               description="encodings to choose from")
     group_size: int = Field(128, gt=0, description="columns per scale (GPTQ and quantised factors)")
@@ -111,6 +121,14 @@ class AutoOptions(BaseModel):
             raise ValueError(f"export: {export} takes GPTQ candidates of one width (transformers loads one "
                              f"compressed-tensors scheme per checkpoint), got {', '.join(value)}")
         return value
+
+    @property
+    def packed_only(self) -> bool:
+        """Whether each target is offered only encodings with a packed inference path (`speed`, module docstring).
+        An export's candidates are its own restriction (what the serving engine runs)."""
+        if self.export:
+            return self.speed == "packed"
+        return self.speed == "packed" or (self.speed is None and tuple(self.candidates) == DEFAULT)
 
 
 def _gptq_bits(name: str) -> int:
@@ -157,6 +175,18 @@ class _Target:
                                 f"{name} on a {self.m}x{self.n} weight has group size {group}: set group_size"
                                 f"{'_8bit' if _gptq_bits(name) == 8 else ''} to a divisor of {self.n} "
                                 f"(e.g. {math.gcd(self.n, group)})")
+
+    def offered(self) -> list[str]:
+        """The candidates this target may take: all, or under `speed: packed` those with a packed path here."""
+        if not self.options.packed_only:
+            return list(self.options.candidates)
+        return [name for name in self.options.candidates if self._packed(name)]
+
+    def _packed(self, name: str) -> bool:
+        if name in LOWRANK_BITS:
+            return LOWRANK_BITS[name] is None  # quantised factors dequantise on every forward
+        bits = _gptq_bits(name)
+        return kernels.fallback_reason(bits, self._group(bits), self.n, self.m, "cpu") is None
 
     @cached_property
     def svd(self):
@@ -213,7 +243,7 @@ def candidates(t: "_Target", options: AutoOptions) -> list[tuple[str, object]]:
     rank that fits (uniform allocation)."""
     budget = options.size_ratio * t.m * t.n * t.e
     out = []
-    for name in options.candidates:
+    for name in t.offered():
         if name in LOWRANK_BITS:
             r = rank_for_size(t.m, t.n, options.size_ratio, LOWRANK_BITS[name], options.group_size, t.e)
             if r == 0 or (LOWRANK_BITS[name] is None and r * (t.m + t.n) >= t.m * t.n):
@@ -258,7 +288,7 @@ def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tens
     def noise_fraction(error: float, tail: torch.Tensor, probe: int) -> float:  # κ: extra error / kept energy
         return max(error - float(tail[probe]), 0.0) / max(float(tail[0] - tail[probe]), 1e-300)
 
-    for name in options.candidates:
+    for name in t.offered():
         if name in LOWRANK_BITS and LOWRANK_BITS[name] is None:
             for r in ranks:
                 add(name, r, float(weighted[r]), float(raw[r]))
@@ -287,8 +317,9 @@ def _uniform(t: _Target, options: AutoOptions, G):
     w = t.w
     found = candidates(t, options)
     if not found:
-        raise UserError(f"auto: no candidate in {list(options.candidates)} fits size_ratio "
-                        f"{options.size_ratio} of a {tuple(w.shape)} weight; raise size_ratio")
+        raise UserError(f"auto: no candidate in {t.offered()} fits size_ratio {options.size_ratio} of a "
+                        f"{tuple(w.shape)} weight; raise size_ratio"
+                        + (" or set speed: any" if options.packed_only else ""))
     W64 = w.to(torch.float64)
     return min(found, key=lambda item: float(_row_error(W64, item[1].dense(), G).sum()))[1]
 
