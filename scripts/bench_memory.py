@@ -34,6 +34,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_scale import tree_bytes  # noqa: E402
 from synthetic import SHAPES, build_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,17 +97,6 @@ def layer_bytes_fp32(folder: Path) -> int:
     return 4 * (2 * heads * head_dim * h + 2 * kv * h + 3 * h * inter + 2 * h + bias)
 
 
-def du(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:  # renamed or removed while we looked
-                pass
-    return total
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(ROOT / ".cache" / "synthetic-1b"))
@@ -143,7 +133,7 @@ def main():
 
     def poll():  # the journal, the temporary output and the output, all under `work`
         while not stop.wait(0.5):
-            disk_peak[0] = max(disk_peak[0], du(work))
+            disk_peak[0] = max(disk_peak[0], tree_bytes(work))
 
     cap = int(args.cap_gb * GB) if args.cap_gb else 2 * GB + layer_fp32
     cgroup = MemoryCgroup(cap) if not args.in_memory else MemoryCgroup(1 << 62)
