@@ -31,12 +31,14 @@ def _offered(options, m=64, n=128) -> set:
 
 
 def test_default_offers_only_encodings_with_a_packed_path():
+    assert AutoOptions().speed == "packed"  # resolved, so the report and the output's recipe say it
     assert _offered(AutoOptions(group_size=32, rank_step=8)) == PACKED
 
 
 def test_speed_any_and_a_candidates_list_offer_what_they_name():
     assert _offered(AutoOptions(group_size=32, rank_step=8, speed="any")) == set(auto.ALL)
     named = ("gptq-6bit", "svd-llm-int8")
+    assert AutoOptions(candidates=named).speed == "any"
     assert _offered(AutoOptions(group_size=32, rank_step=8, candidates=named)) == set(named)
     assert _offered(AutoOptions(group_size=32, rank_step=8, candidates=named, speed="packed")) == set()
 

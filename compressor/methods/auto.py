@@ -54,7 +54,7 @@ from functools import cached_property
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compressor import quant
 from compressor.budget.byte_budget import Choice
@@ -104,6 +104,15 @@ class AutoOptions(BaseModel):
     dense_bits: Optional[Literal[16, 32]] = Field(
         None, description="bits of one dense weight in the output dtype (the pipeline sets it; 16 when unknown)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_speed(cls, data):
+        """Unset `speed` becomes what it means (packed with the default candidates, any with a list), so the
+        report and the output's recipe say it; an export's own candidates keep it unset (module docstring)."""
+        if isinstance(data, dict) and data.get("speed") is None and not data.get("export"):
+            data = {**data, "speed": "any" if data.get("candidates") is not None else "packed"}
+        return data
+
     @field_validator("candidates")
     @classmethod
     def _servable(cls, value, info):
@@ -126,9 +135,7 @@ class AutoOptions(BaseModel):
     def packed_only(self) -> bool:
         """Whether each target is offered only encodings with a packed inference path (`speed`, module docstring).
         An export's candidates are its own restriction (what the serving engine runs)."""
-        if self.export:
-            return self.speed == "packed"
-        return self.speed == "packed" or (self.speed is None and tuple(self.candidates) == DEFAULT)
+        return self.speed == "packed"
 
 
 def _gptq_bits(name: str) -> int:
