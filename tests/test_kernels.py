@@ -164,11 +164,12 @@ def test_compressed_model_save_load_same_logits(tiny_model, calib_ids, tmp_path)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("bits,group_size,n", [(4, 128, 512), (4, 64, 576), (8, 1024, 256)])
+@pytest.mark.parametrize("bits,group_size,n", [(4, 128, 512), (4, 64, 576), (8, 1024, 256), (3, 128, 512),
+                                               (6, 1024, 256)])
 def test_cuda_packed_kernels(bits, group_size, n):
     factors = _quantized(64, n, bits, group_size)
     module = module_from_factors(factors, None, torch.bfloat16).cuda().eval()
-    assert module.prepare() == ("int4" if bits == 4 else "int8")
+    assert module.prepare() == ("int4" if bits <= 4 else "int8")
     x = torch.randn(3, n, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert _rel(module(x).float(), module.dequantized_forward(x).float()) < 2 * BF16_TOL
