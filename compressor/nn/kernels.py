@@ -86,11 +86,6 @@ def kernel_kind(bits: int, group_size: int, in_features: int) -> str | None:
     return None
 
 
-def has_packed_ops(kind: str, device_type: str = "cpu") -> bool:
-    """Whether this torch build has every op of `kind`'s path ("int4"/"int8") for `device_type`."""
-    return all(has_kernel(op, device_type) for op in OPS.get((kind, device_type), ("",)))
-
-
 def fallback_reason(bits: int, group_size: int, in_features: int, out_features: int, device) -> str | None:
     """Why torch has no packed kernel for this layout on `device` (None: it has one)."""
     device = torch.device(device)
