@@ -102,9 +102,11 @@ def test_lowrank_sparse_by_parameters_states_its_bytes(tmp_path):
     ("svd-llm-int8-40", ["factor_bits=4", "factor_group_size=null"]),
     ("lowrank-sparse-50", []),
     ("lowrank-sparse-50", ["sparsity_per=total"]),
-    ("auto", ["size_ratio=0.7"]),
-    ("auto", ["size_ratio=0.3", "rank_step=4"]),  # fp32 storage: a mix of kept dense, 8- and 4-bit
-    ("auto", ["size_ratio=0.1", "rank_step=4"]),  # 3- and 4-bit bases, 4-bit low-rank factors
+    # speed=any: every encoding auto has (the default, speed: packed, leaves out 4-bit low-rank factors and grouped
+    # 5/6-bit, which are what these cases reload)
+    ("auto", ["size_ratio=0.7", "speed=any"]),
+    ("auto", ["size_ratio=0.3", "rank_step=4", "speed=any"]),  # fp32 storage: a mix of kept dense, 8- and 4-bit
+    ("auto", ["size_ratio=0.1", "rank_step=4", "speed=any"]),  # 3- and 4-bit bases, 4-bit low-rank factors
 ])
 def test_new_encodings_reload_identically_and_export_dense(tmp_path, recipe, overrides):
     # fp32: saving a bf16 result casts the in-memory rotary buffers too, which a reload does not (not ours to test)
