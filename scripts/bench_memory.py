@@ -118,6 +118,9 @@ def main():
     build_seconds = time.perf_counter() - t0
     on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     layer_fp32 = layer_bytes_fp32(folder)
+    config = json.loads((folder / "config.json").read_text())
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    width = 4 if stored == "float32" else 2
     label = args.recipe if args.target_size is None else f"{args.recipe}-target-{args.target_size}"
     label += "-in-memory" if args.in_memory else ""
     work = ROOT / "out" / f"bench-memory-{folder.name}-{label}"
@@ -157,8 +160,9 @@ def main():
         "date": str(date.today()), "recipe": args.recipe, "target_size": args.target_size,
         "checkpoint": str(folder), "shape": None if real else SHAPE, "command": " ".join(cmd[1:]),
         "load_average_1m_at_end": round(os.getloadavg()[0], 2), "disk_peak_bytes": disk_peak[0],
-        "checkpoint_bytes_bf16": on_disk, "model_bytes_fp32": on_disk * 2, "one_layer_bytes_fp32": layer_fp32,
-        "cap_bytes": cap if cgroup.path else None,
+        "checkpoint_bytes": on_disk, "checkpoint_dtype": stored, "model_bytes_fp32": on_disk * 4 // width,
+        "one_layer_bytes_fp32": layer_fp32,
+        "cap_bytes": cap if cgroup.path and not args.in_memory else None,
         "cgroup": ("v2" if cgroup.v2 else "v1") if cgroup.path else "unavailable (uncapped run)",
         "returncode": done.returncode, "seconds": round(seconds, 1), "build_seconds": round(build_seconds, 1),
         "peak_rss_bytes": peak_rss if peak_rss > before * 1024 else None, "cgroup_peak_bytes": cgroup_peak,
@@ -169,7 +173,7 @@ def main():
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     fmt = lambda b: "n/a" if b is None else f"{b / GB:.2f} GiB"  # noqa: E731
-    print(f"checkpoint {folder.name}: {fmt(on_disk)} bf16 on disk, {fmt(on_disk * 2)} at fp32; one layer "
+    print(f"checkpoint {folder.name}: {fmt(on_disk)} {stored} on disk, {fmt(on_disk * 4 // width)} at fp32; one layer "
           f"{fmt(layer_fp32)} fp32")
     print(f"{label}{'' if args.in_memory else ' --low-memory'}, calibration {args.nsamples}×{args.seqlen}, memory cap "
           f"{fmt(result['cap_bytes'])} ({result['cgroup']}): exit {done.returncode} after {seconds:.0f} s")
