@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,17 +66,6 @@ from compressor.io.checkpoint import CONFIG_NAME, check_destination, read_quanti
 from compressor.nn.modules import QuantLinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@dataclass
-class AdapterExport:
-    """What `export_quantized_with_adapter` wrote."""
-
-    path: Path
-    base: Path
-    adapter: Path | None  # None: no module had an EoRA residual, the base is the whole model
-    quantized: int  # QuantLinear modules written packed
-    residuals: int  # of which with a LoRA residual in the adapter
 
 
 def _refuse_unless_quantized(src: Path) -> None:
@@ -185,12 +173,10 @@ def _write_adapter(folder: Path, lora: dict[str, torch.Tensor], ranks: dict[str,
 
 
 def export_quantized_with_adapter(src, dst, *, overwrite: bool = False,
-                                  max_shard_size: int | str = "2GB") -> AdapterExport:
+                                  max_shard_size: int | str = "2GB") -> ServingExport:  # (export_serving.py)
     """Write `dst/base/` (compressed-tensors, pack-quantized) and `dst/adapter/` (PEFT LoRA: the EoRA residuals)
     from the quantized lrc output `src`. UserError for a non-quantized output or an unusable destination.
     compressor/io/export_serving.py's export, restricted to outputs whose every module is quantised."""
     from compressor.io.export_serving import export_serving  # it builds on this module's helpers
 
-    done = export_serving(src, dst, overwrite=overwrite, max_shard_size=max_shard_size, quantized_only=True)
-    return AdapterExport(path=done.path, base=done.base, adapter=done.adapter, quantized=done.quantized,
-                         residuals=done.residuals)
+    return export_serving(src, dst, overwrite=overwrite, max_shard_size=max_shard_size, quantized_only=True)
