@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import compressor
 from compressor import api, registry
+from compressor.pipeline import fisher as fisher_module
 from compressor.pipeline.fisher import collect_fisher
 from compressor.nn.modules import LowRankLinear
 from compressor.recipe import load_recipe
@@ -117,8 +118,13 @@ def test_zero_and_dead_fisher_give_finite_factors_and_are_counted():
 # the Fisher pass
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen2", True)])
-def test_layerwise_fisher_matches_whole_model_autograd_and_leaves_no_trace(tiny_model, calib_ids, arch, tie):
+@pytest.mark.parametrize("arch,tie,head_rows", [("llama", False, None), ("qwen2", True, None), ("llama", False, 37)])
+def test_layerwise_fisher_matches_whole_model_autograd_and_leaves_no_trace(tiny_model, calib_ids, monkeypatch, arch,
+                                                                         tie, head_rows):
+    """head_rows: the head's product in slices of 37 vocabulary rows (7 slices, the last one short), as a large
+    vocabulary takes it."""
+    if head_rows is not None:
+        monkeypatch.setattr(fisher_module, "HEAD_SLICE_ELEMENTS", head_rows * TINY_SIZES["hidden_size"])
     model = tiny_model(arch, tie=tie)
     batches = calib_ids(nsamples=5, seqlen=16)
     target, other = "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"

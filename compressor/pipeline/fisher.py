@@ -28,13 +28,19 @@ Memory plan: layer by layer, like the statistics pass, so models larger than the
      its targets; the input gradient goes down to the next layer.
 Peak on the device ≈ the non-layer weights (embeddings, head) + one decoder layer + one layer's autograd activations
 for a chunk + one window's logits. With `--low-memory` the layers come from disk for every visit (2 reads per layer
-per chunk) and go back to the meta device after it, so RAM holds one layer plus the chunk's kept inputs. No parameter ever gets a `.grad`; every parameter's `requires_grad`, the training
+per chunk) and go back to the meta device after it, so RAM holds one layer plus the chunk's kept inputs; and the
+non-layer weights are cut too: every chunk's first-layer inputs are captured up front, so an untied embedding
+goes back to disk for the pass, and the head is read in the checkpoint's dtype (`LazyLayers.head_for_fisher`).
+The head's product runs in vocabulary slices of `HEAD_SLICE_ELEMENTS`, each slice upcast to the compute dtype
+only while it is used (forward and backward): a bf16 head is never held at fp32 (Qwen2.5-1.5B: 0.47 GB, not
+0.93 + 0.47). In memory the head takes the same slices, so both paths compute the same Fisher, bit for bit. No parameter ever gets a `.grad`; every parameter's `requires_grad`, the training
 mode and the devices are restored afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -75,6 +81,50 @@ class _Inject(nn.Module):
             return getattr(self._modules["layer"], name)
 
 
+# A head slice upcast at once: 32M elements (128 MB at fp32).
+HEAD_SLICE_ELEMENTS = 1 << 25
+
+
+class _SlicedHead(torch.autograd.Function):
+    """y = x Wᵀ + b with W read `rows` vocabulary rows at a time, each slice cast to x's dtype only while used;
+    backward recomputes the casts instead of keeping them (W and b never get gradients here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows):
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for s in range(0, weight.shape[0], rows):
+            b = None if bias is None else bias[s : s + rows].to(x.dtype)
+            out[..., s : s + rows] = F.linear(x, weight[s : s + rows].to(x.dtype), b)
+        ctx.save_for_backward(weight)
+        ctx.rows, ctx.dtype = rows, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        dx = None
+        for s in range(0, weight.shape[0], ctx.rows):
+            part = grad[..., s : s + ctx.rows] @ weight[s : s + ctx.rows].to(ctx.dtype)
+            dx = part if dx is None else dx.add_(part)
+        return dx, None, None, None
+
+
+@contextmanager
+def _sliced_head(model):
+    """The model's own head module computes its logits through _SlicedHead (a plain nn.Linear head only; any other
+    head runs as it is). The model's forward still applies whatever follows the head (soft-capping, scaling)."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        yield
+        return
+    rows = max(1, HEAD_SLICE_ELEMENTS // head.in_features)
+    head.forward = lambda x: _SlicedHead.apply(x, head.weight, head.bias, rows)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def _mean_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over every predicted token (HF's `.loss` with labels = ids)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -82,14 +132,18 @@ def _mean_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _head_gradient(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool):
     """∂L_c/∂hidden for the last decoder layer's output `hidden`, L_c the chunk's mean loss. Computed one window
-    at a time (windows have equal length, so L_c is the mean of the windows' means): one window's logits at once."""
+    at a time (windows have equal length, so L_c is the mean of the windows' means): one window's logits at once.
+    The model gets placeholder `inputs_embeds` (the injected layers ignore what comes in): the embedding itself is
+    not needed, so --low-memory can leave it on disk for the pass."""
     leaf = hidden.detach().requires_grad_(True)
     originals = list(layers)
+    placeholder = hidden.new_zeros(1, ids.shape[1], hidden.shape[-1])
     try:
         for s in range(ids.shape[0]):
             for i, layer in enumerate(originals):
                 layers[i] = _Inject(layer, leaf[s : s + 1], as_tuple)
-            logits = model(input_ids=ids[s : s + 1], use_cache=False).logits
+            with _sliced_head(model):
+                logits = model(inputs_embeds=placeholder, use_cache=False).logits
             (_mean_loss(logits, ids[s : s + 1]) / ids.shape[0]).backward()
             del logits
     finally:
@@ -128,7 +182,7 @@ def collect_fisher(
 
     `layer_io` (compressor/pipeline/streaming.py): decoder layers that live on disk (meta device) until needed, with
     `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device, and
-    `materialize_outside()` for the parts outside the layers still on meta (the head)."""
+    `head_for_fisher()`, a context that holds the head (and may drop the embedding) for the pass."""
     names = list(dict.fromkeys(target_names))
     _, layers = find_decoder_layers(model)
     per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
@@ -143,8 +197,6 @@ def collect_fisher(
                    torch.zeros(m.weight.shape[0], dtype=torch.float64, device=device)]
             for targets in per_layer for name, m in targets.items()}
 
-    if layer_io is not None:  # the head, which a --low-memory skeleton reads only when it is needed
-        layer_io.materialize_outside()
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
@@ -158,10 +210,17 @@ def collect_fisher(
         model.eval()
         move_all_but_layers(model, device)
         # Under torchrun each process takes whole chunks (the mini-batch Fisher depends on them) and the sums are
-        # added up (compressor/pipeline/distributed.py).
-        for start in distributed.my_chunks(batches.shape[0], batch_size):
-            ids = batches[start : start + batch_size].to(device)
-            _fisher_of_chunk(model, layers, source, keep, per_layer, sums, ids)
+        # added up (compressor/pipeline/distributed.py). Every chunk's first-layer inputs are captured before the
+        # head is needed, so that --low-memory can trade the embedding for the head (never both in memory).
+        starts = distributed.my_chunks(batches.shape[0], batch_size)
+        calls = {start: capture_layer_calls(model, layers, batches[start : start + batch_size].to(device),
+                                            device=device, offload=keep, batch_size=batch_size)
+                 for start in starts}
+        with (layer_io.head_for_fisher() if layer_io is not None else nullcontext()):
+            move_all_but_layers(model, device)
+            for start in starts:
+                ids = batches[start : start + batch_size].to(device)
+                _fisher_of_chunk(model, layers, source, keep, per_layer, sums, ids, calls.pop(start))
         distributed.all_reduce_sums([t for s in sums.values() for t in s])
     finally:
         move_all_but_layers(model, home)
@@ -172,9 +231,8 @@ def collect_fisher(
     return {name: FisherDiag(*(t.cpu() for t in sums[name])) for name in sums}
 
 
-def _fisher_of_chunk(model, layers, visits: LayerSource, keep, per_layer, sums, ids) -> None:
+def _fisher_of_chunk(model, layers, visits: LayerSource, keep, per_layer, sums, ids, arguments) -> None:
     device = visits.device
-    arguments = capture_layer_calls(model, layers, ids, device=device, offload=keep, batch_size=ids.shape[0])
     (call,) = arguments.first()
     inputs, as_tuple = [], False
     with torch.no_grad():

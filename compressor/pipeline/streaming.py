@@ -99,7 +99,7 @@ def _materialize(module: nn.Module, prefix: str, files: CheckpointFiles, dtype: 
         value = files.read([prefix + name])[prefix + name]
         check_finite([(prefix + name, value)], str(files.folder))
         value = value.to(dtype) if value.is_floating_point() else value
-        set_module_tensor_to_device(module, name, "cpu", value=value)
+        set_module_tensor_to_device(module, name, "cpu", value=value, dtype=value.dtype)
         del value
 
 
@@ -117,13 +117,33 @@ class LazyLayers:
     def shard_name(self, i: int) -> str:
         return f"model-{i + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
-    def materialize_outside(self) -> None:
-        """Read what lies outside the decoder layers that is still on meta (the head, which the skeleton defers):
-        for a pass that runs the whole model, the Fisher pass."""
+    @contextmanager
+    def head_for_fisher(self):
+        """For the Fisher pass, which has captured every chunk's first-layer inputs already: an untied embedding
+        goes back to disk and the head, which the skeleton leaves on meta, is read in the checkpoint's dtype (the
+        Fisher pass casts it a vocabulary slice at a time). Afterwards the head goes back to disk and the embedding
+        is read again: at most one of the two is in memory, and never at the compute dtype when stored narrower."""
         t0 = time.perf_counter()
-        with layers_detached(self.model):
-            _materialize(self.model, "", self.files, self.dtype, skip=_tied_not_stored(self.model, self.files))
+        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        untied = head is not None and getattr(head, "weight", None) is not getattr(embedding, "weight", None)
+        tied = _tied_not_stored(self.model, self.files)
+        if untied:
+            embedding.to("meta")
+            release_freed_memory()
+            with layers_detached(self.model):
+                _materialize(self.model, "", self.files, self.storage if type(head) is nn.Linear else self.dtype,
+                             skip=tied | _names_of(self.model, embedding))
         self.seconds["load"] += time.perf_counter() - t0
+        try:
+            yield
+        finally:
+            t0 = time.perf_counter()
+            if untied:
+                head.to("meta")
+                release_freed_memory()
+                with layers_detached(self.model):
+                    _materialize(self.model, "", self.files, self.dtype, skip=tied | _names_of(self.model, head))
+            self.seconds["load"] += time.perf_counter() - t0
 
     def load(self, index: int, layer: nn.Module) -> None:
         t0 = time.perf_counter()
@@ -170,6 +190,12 @@ class LazyLayers:
         self.weight_map.update(dict.fromkeys(tensors, name))
 
 
+def _names_of(model: nn.Module, module: nn.Module) -> set[str]:
+    """The state-dict names of `module`'s tensors inside `model`."""
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    return {f"{prefix}.{name}" for name in module.state_dict()}
+
+
 def _release_all_but(model: nn.Module, keep: nn.Module) -> None:
     kept = {id(t) for t in [*keep.parameters(), *keep.buffers()]}
     model._apply(lambda t: t if id(t) in kept else t.to("meta"))
@@ -213,7 +239,7 @@ def _local_checkpoint(name_or_path: str) -> Path:
 
 
 class Skeleton(NamedTuple):
-    model: nn.Module  # on the meta device except its non-layer parts (an untied head: until materialize_outside)
+    model: nn.Module  # on the meta device except its non-layer parts (an untied head: until head_for_fisher)
     tokenizer: object
     files: CheckpointFiles
     storage_dtype: torch.dtype
@@ -249,8 +275,7 @@ def load_skeleton(name_or_path: str, *, dtype: str = "auto", device: str = "cpu"
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     deferred = set()
     if head is not None and getattr(head, "weight", None) is not getattr(embedding, "weight", None):
-        prefix = next(name for name, module in model.named_modules() if module is head)
-        deferred = {f"{prefix}.{name}" for name in head.state_dict()}
+        deferred = _names_of(model, head)
     with layers_detached(model) as (path, layers):  # everything but the layers and the head: read now
         _materialize(model, "", files, compute, skip=tied | deferred)
     if tied:
