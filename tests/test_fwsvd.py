@@ -121,10 +121,11 @@ def test_zero_and_dead_fisher_give_finite_factors_and_are_counted():
 @pytest.mark.parametrize("arch,tie,head_rows", [("llama", False, None), ("qwen2", True, None), ("llama", False, 37)])
 def test_layerwise_fisher_matches_whole_model_autograd_and_leaves_no_trace(tiny_model, calib_ids, monkeypatch, arch,
                                                                          tie, head_rows):
-    """head_rows: the head's product in slices of 37 vocabulary rows (7 slices, the last one short), as a large
-    vocabulary takes it."""
+    """head_rows: the head's product in slices of 37 vocabulary rows (7 slices, the last one short) and its
+    logits 3 positions at a time, as a large vocabulary takes them."""
     if head_rows is not None:
         monkeypatch.setattr(fisher_module, "HEAD_SLICE_ELEMENTS", head_rows * TINY_SIZES["hidden_size"])
+        monkeypatch.setattr(fisher_module, "LOGIT_SLICE_ELEMENTS", 3 * TINY_SIZES["vocab_size"])
     model = tiny_model(arch, tie=tie)
     batches = calib_ids(nsamples=5, seqlen=16)
     target, other = "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"

@@ -140,26 +140,30 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, tiny_model, calib_i
 def test_the_fisher_pass_holds_the_head_in_the_checkpoint_dtype_and_never_with_the_embedding(
         tmp_path, tiny_model, calib_ids, monkeypatch):
     """An untied bf16 head at a 150k vocabulary is 0.47 GB, 0.93 GB at the fp32 compute dtype, and so is the
-    embedding: during the Fisher pass the embedding waits on disk and the head stays bf16, cast a vocabulary
-    slice at a time (here 37 rows of 256: 7 slices); the output still equals the in-memory path's exactly."""
+    embedding: during the Fisher pass the embedding waits on disk, the head is read (bf16) only for each chunk's
+    head gradient and cast a vocabulary slice at a time (here 37 rows of 256: 7 slices), its logits taken 5
+    positions at a time; the output still equals the in-memory path's exactly."""
     from compressor.pipeline import fisher
 
     monkeypatch.setattr(fisher, "HEAD_SLICE_ELEMENTS", 37 * 64)
+    monkeypatch.setattr(fisher, "LOGIT_SLICE_ELEMENTS", 5 * 256)
     seen = []
-    original = fisher._fisher_of_chunk
 
-    def observing(model, *args):
-        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-        seen.append((embedding.weight.is_meta, head.weight.is_meta, head.weight.dtype))
-        return original(model, *args)
+    def observing(original, phase):
+        def run(model, *args):
+            head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+            seen.append((phase, embedding.weight.is_meta, head.weight.is_meta, head.weight.dtype))
+            return original(model, *args)
+        return run
 
-    monkeypatch.setattr(fisher, "_fisher_of_chunk", observing)
+    monkeypatch.setattr(fisher, "_head_gradient", observing(fisher._head_gradient, "head"))
+    monkeypatch.setattr(fisher, "_fisher_of_chunk", observing(fisher._fisher_of_chunk, "layers"))
     model = tiny_model("llama", correlated=True, tie=False).to(torch.bfloat16)
     recipe = load_recipe("fwsvd-20", ("calibration.nsamples=4", "calibration.seqlen=32"))
-    seen_in_memory = len(seen)
     assert_streams_like_in_memory(tmp_path, model, recipe, calib_ids(4, 32))
-    streamed = seen[seen_in_memory:][-1:]  # the in-memory run's chunks come first (fp32 weights, all resident)
-    assert streamed == [(True, False, torch.bfloat16)]
+    # the in-memory run's chunks come first (fp32 weights, all resident), then the streamed run's
+    assert seen[-2][:3] == ("layers", True, True)  # neither embedding nor head in memory for the layers
+    assert seen[-1] == ("head", True, False, torch.bfloat16)
 
 
 def test_refusals_leave_nothing_on_disk(tmp_path, tiny_model, calib_ids):

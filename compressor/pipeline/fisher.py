@@ -19,18 +19,21 @@ allocation `weight: loss` uses to put every module's output error in units of lo
 
 Memory plan: layer by layer, like the statistics pass, so models larger than the device work. Per chunk of
 `batch_size` windows:
-  1. forward without autograd through the decoder layers, one layer on `device` at a time, keeping each layer's
-     input hidden states for the chunk on the layers' home device (CPU when offloaded): L × batch × seqlen × hidden;
+  1. forward without autograd through the decoder layers, one layer on `device` at a time (one window at a time),
+     keeping each layer's input hidden states for the chunk on the layers' home device (CPU when offloaded):
+     L × batch × seqlen × hidden;
   2. the head (final norm, lm_head, loss) on the last hidden states, one window at a time (one window's logits in
      fp32 on the device), backward to the last hidden states;
   3. for each layer from the last to the first: move it to `device`, recompute its forward from the kept input with
-     autograd on, backward with the output gradient from the layer above; hooks fold the squared chunk gradient of
-     its targets; the input gradient goes down to the next layer.
-Peak on the device ≈ the non-layer weights (embeddings, head) + one decoder layer + one layer's autograd activations
-for a chunk + one window's logits. With `--low-memory` the layers come from disk for every visit (2 reads per layer
+     autograd on, one window at a time, backward with the output gradient from the layer above; hooks add up the
+     chunk's weight gradient of its targets over the windows, squared when all are in; the input gradient goes
+     down to the next layer.
+Peak on the device ≈ the non-layer weights (embeddings, head) + one decoder layer + its targets' chunk gradients
+(the layer's size at fp32) + one layer's autograd activations for one window + one window's logits. With `--low-memory` the layers come from disk for every visit (2 reads per layer
 per chunk) and go back to the meta device after it, so RAM holds one layer plus the chunk's kept inputs; and the
 non-layer weights are cut too: every chunk's first-layer inputs are captured up front, so an untied embedding
-goes back to disk for the pass, and the head is read in the checkpoint's dtype (`LazyLayers.head_for_fisher`).
+goes back to disk for the pass, and the head is read in the checkpoint's dtype for each chunk's head gradient
+(`LazyLayers.embedding_released`, `head_resident`).
 The head's product runs in vocabulary slices of `HEAD_SLICE_ELEMENTS`, each slice upcast to the compute dtype
 only while it is used (forward and backward): a bf16 head is never held at fp32 (Qwen2.5-1.5B: 0.47 GB, not
 0.93 + 0.47). In memory the head takes the same slices, so both paths compute the same Fisher, bit for bit. No parameter ever gets a `.grad`; every parameter's `requires_grad`, the training
@@ -81,8 +84,9 @@ class _Inject(nn.Module):
             return getattr(self._modules["layer"], name)
 
 
-# A head slice upcast at once: 32M elements (128 MB at fp32).
+# A head slice upcast at once: 32M elements (128 MB at fp32); logits computed at once: 8M (32 MB at fp32).
 HEAD_SLICE_ELEMENTS = 1 << 25
+LOGIT_SLICE_ELEMENTS = 1 << 23
 
 
 class _SlicedHead(torch.autograd.Function):
@@ -125,45 +129,54 @@ def _sliced_head(model):
         del head.forward
 
 
-def _mean_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every predicted token (HF's `.loss` with labels = ids)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
 def _head_gradient(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool):
-    """∂L_c/∂hidden for the last decoder layer's output `hidden`, L_c the chunk's mean loss. Computed one window
-    at a time (windows have equal length, so L_c is the mean of the windows' means): one window's logits at once.
-    The model gets placeholder `inputs_embeds` (the injected layers ignore what comes in): the embedding itself is
-    not needed, so --low-memory can leave it on disk for the pass."""
+    """∂L_c/∂hidden for the last decoder layer's output `hidden`, L_c the chunk's mean loss (the mean over its
+    windows of each window's mean next-token cross-entropy; windows have equal length). The head runs on one
+    window's slice of positions at a time, at most LOGIT_SLICE_ELEMENTS logits (a 150k vocabulary: 55 positions,
+    32 MB, instead of a window's 0.16 GB of logits and as much again for their softmax and gradient); the head is
+    per position, so the slices' logits are the window's. The model gets placeholder `inputs_embeds` (the injected
+    layers ignore what comes in): the embedding itself is not needed, so --low-memory leaves it on disk."""
     leaf = hidden.detach().requires_grad_(True)
     originals = list(layers)
-    placeholder = hidden.new_zeros(1, ids.shape[1], hidden.shape[-1])
+    windows, length = ids.shape
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    step = max(1, min(length, LOGIT_SLICE_ELEMENTS // vocabulary))
+    scale = 1.0 / (windows * (length - 1))
     try:
-        for s in range(ids.shape[0]):
-            for i, layer in enumerate(originals):
-                layers[i] = _Inject(layer, leaf[s : s + 1], as_tuple)
-            with _sliced_head(model):
-                logits = model(inputs_embeds=placeholder, use_cache=False).logits
-            (_mean_loss(logits, ids[s : s + 1]) / ids.shape[0]).backward()
-            del logits
+        for s in range(windows):
+            for a in range(0, length - 1, step):
+                b = min(a + step, length - 1)  # positions a..b-1 predict tokens a+1..b
+                for i, layer in enumerate(originals):
+                    layers[i] = _Inject(layer, leaf[s : s + 1, a:b], as_tuple)
+                placeholder = hidden.new_zeros(1, b - a, hidden.shape[-1])
+                with _sliced_head(model):
+                    logits = model(inputs_embeds=placeholder, use_cache=False).logits
+                loss = F.cross_entropy(logits[0].float(), ids[s, a + 1 : b + 1], reduction="sum")
+                (loss * scale).backward()
+                del logits, loss
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
     return leaf.grad
 
 
-def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.Tensor]]) -> list:
+def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.Tensor]],
+                chunk_grads: dict[str, torch.Tensor]) -> list:
+    """Hooks adding each call's weight gradient Σ_t δ_t x_tᵀ into `chunk_grads` (squared once the chunk's windows
+    are all in: `_fold_chunk`) and Σ_t δ_t² straight into the sums (a sum over tokens already)."""
     def hook(name):
         def forward_hook(module, args, output):
             if not output.requires_grad:
                 return  # the loss does not depend on this call's output
             x = args[0].detach()
 
-            def fold(grad):  # the chunk's weight gradient Σ_t δ_t x_tᵀ, squared; and Σ_t δ_t² itself
+            def fold(grad):
                 delta = grad.reshape(-1, grad.shape[-1]).float()
-                sq = (delta.T @ x.reshape(-1, x.shape[-1]).float()).square_()
-                sums[name][0].add_(sq.sum(1, dtype=torch.float64))
-                sums[name][1].add_(sq.sum(0, dtype=torch.float64))
+                part = delta.T @ x.reshape(-1, x.shape[-1]).float()
+                if name in chunk_grads:
+                    chunk_grads[name].add_(part)
+                else:
+                    chunk_grads[name] = part
                 sums[name][2].add_(delta.square().sum(0, dtype=torch.float64))
 
             output.register_hook(fold)
@@ -171,6 +184,15 @@ def _fold_hooks(layer_targets: dict[str, nn.Linear], sums: dict[str, list[torch.
         return forward_hook
 
     return [module.register_forward_hook(hook(name)) for name, module in layer_targets.items()]
+
+
+def _fold_chunk(chunk_grads: dict[str, torch.Tensor], sums: dict[str, list[torch.Tensor]]) -> None:
+    """The chunk's weight gradients, squared, summed along each axis into the sums."""
+    for name, grad in chunk_grads.items():
+        sq = grad.square_()
+        sums[name][0].add_(sq.sum(1, dtype=torch.float64))
+        sums[name][1].add_(sq.sum(0, dtype=torch.float64))
+    chunk_grads.clear()
 
 
 def collect_fisher(
@@ -182,7 +204,8 @@ def collect_fisher(
 
     `layer_io` (compressor/pipeline/streaming.py): decoder layers that live on disk (meta device) until needed, with
     `read(index, layer)` to materialise one and `release(index, layer)` to send it back to the meta device, and
-    `head_for_fisher()`, a context that holds the head (and may drop the embedding) for the pass."""
+    `embedding_released()` and `head_resident()`, contexts that drop the embedding for the pass and hold the head
+    for one chunk's head gradient."""
     names = list(dict.fromkeys(target_names))
     _, layers = find_decoder_layers(model)
     per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
@@ -197,15 +220,15 @@ def collect_fisher(
                    torch.zeros(m.weight.shape[0], dtype=torch.float64, device=device)]
             for targets in per_layer for name, m in targets.items()}
 
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
+    # by name: a list of the parameters would keep alive the tensors --low-memory sends back to disk mid-pass
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     homes = [next(layer.parameters()).device for layer in layers]
     keep = torch.device("cpu") if homes[0].type == "meta" else homes[0]  # where the chunk's layer inputs wait
     source = LayerSource(layers, device, homes, layer_io, writes=False)
-    home = next(p for p in params).device
+    home = next(model.parameters()).device
     try:
-        for p in params:
+        for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
         move_all_but_layers(model, device)
@@ -214,51 +237,64 @@ def collect_fisher(
         # head is needed, so that --low-memory can trade the embedding for the head (never both in memory).
         starts = distributed.my_chunks(batches.shape[0], batch_size)
         calls = {start: capture_layer_calls(model, layers, batches[start : start + batch_size].to(device),
-                                            device=device, offload=keep, batch_size=batch_size)
+                                            device=device, offload=keep, batch_size=1)  # one call per window
                  for start in starts}
-        with (layer_io.head_for_fisher() if layer_io is not None else nullcontext()):
-            move_all_but_layers(model, device)
+        with (layer_io.embedding_released() if layer_io is not None else nullcontext()):
+            head = layer_io.head_resident if layer_io is not None else nullcontext
             for start in starts:
                 ids = batches[start : start + batch_size].to(device)
-                _fisher_of_chunk(model, layers, source, keep, per_layer, sums, ids, calls.pop(start))
+                _fisher_of_chunk(model, layers, source, keep, per_layer, sums, ids, calls.pop(start), head)
         distributed.all_reduce_sums([t for s in sums.values() for t in s])
     finally:
         move_all_but_layers(model, home)
         source.send_home()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
         model.train(was_training)
     return {name: FisherDiag(*(t.cpu() for t in sums[name])) for name in sums}
 
 
-def _fisher_of_chunk(model, layers, visits: LayerSource, keep, per_layer, sums, ids, arguments) -> None:
+def _fisher_of_chunk(model, layers, visits: LayerSource, keep, per_layer, sums, ids, arguments, head) -> None:
+    """One chunk. Windows go through each layer one at a time (`arguments` holds one call per window), forward and
+    backward: a layer's autograd activations for one window at once, not for the chunk (Qwen2.5-1.5B, 8 windows
+    of 256: ~0.5 GB less). The chunk's weight gradient is summed over its windows before it is squared. `head()`:
+    a context holding the model's head for the head gradient (with --low-memory it is read for it, then dropped)."""
     device = visits.device
-    (call,) = arguments.first()
+    calls = arguments.first()
     inputs, as_tuple = [], False
     with torch.no_grad():
         for index in range(len(layers)):
-            inputs.append(call)
-            out = visits.enter(index)(*move(call[0], device), **move(call[1], device))
-            as_tuple = isinstance(out, (tuple, list))
-            (call,) = arguments.onto(index + 1, [with_hidden(call, move(layer_output(out), keep))])
+            inputs.append(calls)
+            layer, outputs = visits.enter(index), []
+            for call in calls:
+                out = layer(*move(call[0], device), **move(call[1], device))
+                as_tuple = isinstance(out, (tuple, list))
+                outputs.append(with_hidden(call, move(layer_output(out), keep)))
+            calls = arguments.onto(index + 1, outputs)
             visits.leave(index)
-    grad = _head_gradient(model, layers, ids, hidden_of(call).to(device), as_tuple)
+    hidden = torch.cat([hidden_of(call) for call in calls]).to(device)
+    with head():
+        move_all_but_layers(model, device)
+        grads = list(_head_gradient(model, layers, ids, hidden, as_tuple).split(1))
+    chunk_grads: dict[str, torch.Tensor] = {}
     for index in reversed(range(len(layers))):
-        args, kwargs = move(inputs[index], device)
-        x = hidden_of((args, kwargs)).detach().requires_grad_(True)
-        args, kwargs = with_hidden((args, kwargs), x)
         layer = visits.enter(index)
-        handles = _fold_hooks(per_layer[index], sums)
+        handles = _fold_hooks(per_layer[index], sums, chunk_grads)
         try:
-            with torch.enable_grad():
-                out = layer(*args, **kwargs)
-                torch.autograd.backward(layer_output(out), grad)
+            for window, call in enumerate(inputs[index]):
+                args, kwargs = move(call, device)
+                x = hidden_of((args, kwargs)).detach().requires_grad_(True)
+                args, kwargs = with_hidden((args, kwargs), x)
+                with torch.enable_grad():
+                    out = layer(*args, **kwargs)
+                    torch.autograd.backward(layer_output(out), grads[window])
+                grads[window] = x.grad
+                del out, x
         finally:
             for handle in handles:
                 handle.remove()
-        grad = x.grad
+        _fold_chunk(chunk_grads, sums)
         visits.leave(index)
-        del out, x
 
 
 # --- Fisher as a method's statistic ("fisher" in method.needs) -------------------------------------------------

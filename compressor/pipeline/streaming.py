@@ -117,33 +117,47 @@ class LazyLayers:
     def shard_name(self, i: int) -> str:
         return f"model-{i + 1:05d}-of-{self.n + 1:05d}.safetensors"
 
-    @contextmanager
-    def head_for_fisher(self):
-        """For the Fisher pass, which has captured every chunk's first-layer inputs already: an untied embedding
-        goes back to disk and the head, which the skeleton leaves on meta, is read in the checkpoint's dtype (the
-        Fisher pass casts it a vocabulary slice at a time). Afterwards the head goes back to disk and the embedding
-        is read again: at most one of the two is in memory, and never at the compute dtype when stored narrower."""
-        t0 = time.perf_counter()
+    def _untied(self):
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         untied = head is not None and getattr(head, "weight", None) is not getattr(embedding, "weight", None)
-        tied = _tied_not_stored(self.model, self.files)
+        return head, embedding, untied
+
+    @contextmanager
+    def embedding_released(self):
+        """For the Fisher pass, once it has captured every chunk's first-layer inputs: an untied embedding waits on
+        disk until the pass is over (then it is read again), so that it and the head are never both in memory."""
+        head, embedding, untied = self._untied()
         if untied:
             embedding.to("meta")
             release_freed_memory()
-            with layers_detached(self.model):
-                _materialize(self.model, "", self.files, self.storage if type(head) is nn.Linear else self.dtype,
-                             skip=tied | _names_of(self.model, embedding))
-        self.seconds["load"] += time.perf_counter() - t0
         try:
             yield
         finally:
-            t0 = time.perf_counter()
             if untied:
+                self._read_outside(self.dtype, skip=_names_of(self.model, head))
+
+    @contextmanager
+    def head_resident(self):
+        """The head, which the skeleton leaves on meta, read in the checkpoint's dtype for one use (the Fisher
+        pass's head gradient of one chunk, which casts it a vocabulary slice at a time) and then sent back: during
+        the decoder layers' passes it is not in memory."""
+        head, embedding, untied = self._untied()
+        deferred = untied and any(t.is_meta for t in head.parameters())
+        if deferred:
+            dtype = self.storage if type(head) is nn.Linear else self.dtype
+            self._read_outside(dtype, skip=_names_of(self.model, embedding))
+        try:
+            yield
+        finally:
+            if deferred:
                 head.to("meta")
                 release_freed_memory()
-                with layers_detached(self.model):
-                    _materialize(self.model, "", self.files, self.dtype, skip=tied | _names_of(self.model, head))
-            self.seconds["load"] += time.perf_counter() - t0
+
+    def _read_outside(self, dtype, skip) -> None:
+        t0 = time.perf_counter()
+        with layers_detached(self.model):
+            _materialize(self.model, "", self.files, dtype, skip=_tied_not_stored(self.model, self.files) | skip)
+        self.seconds["load"] += time.perf_counter() - t0
 
     def load(self, index: int, layer: nn.Module) -> None:
         t0 = time.perf_counter()
@@ -239,7 +253,7 @@ def _local_checkpoint(name_or_path: str) -> Path:
 
 
 class Skeleton(NamedTuple):
-    model: nn.Module  # on the meta device except its non-layer parts (an untied head: until head_for_fisher)
+    model: nn.Module  # on the meta device except its non-layer parts (an untied head: read only for the Fisher pass's head gradient)
     tokenizer: object
     files: CheckpointFiles
     storage_dtype: torch.dtype
