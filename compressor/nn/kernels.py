@@ -229,6 +229,15 @@ def contiguous_factors(module, state_dict, prefix, local_metadata):
             state_dict[key] = state_dict[key].contiguous()
 
 
+def row_major(*linears: torch.nn.Linear) -> None:
+    """Undo transpose_in_memory: each weight row-major again, as stored. The exact reference path multiplies in
+    this layout, so its products round exactly as a plain nn.Linear's (a serving export's adapter, PEFT)."""
+    with torch.no_grad():
+        for linear in linears:
+            if not linear.weight.is_contiguous():
+                linear.weight.data = linear.weight.data.contiguous()
+
+
 def transpose_in_memory(*linears: torch.nn.Linear) -> None:
     """Keep each weight with its transpose contiguous: same values, other strides (see LowRankLinear.prepare)."""
     with torch.no_grad():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressor.nn import kernels
 from compressor.nn.factors import LowRank, LowRankSparse, QuantLowRank, Quantized
 from compressor.nn.lowrank_linear import LowRankLinear, LowRankSparseLinear, fuse_siblings
 from compressor.nn.quant_linear import QuantLinear, QuantLowRankLinear
@@ -55,18 +56,25 @@ def prepare_inference(model: nn.Module, *, use_kernels: bool = True) -> dict[str
     fallback, warned about once); each LowRankSparseLinear's sparse product (CSR or merged, see its prepare());
     each LowRankLinear's factors transposed in memory (see its prepare()).
     Changes no stored tensor. `use_kernels=False`: the exact per-forward reference paths instead (dequantise;
-    densify S; slow). Returns {path: module count}."""
+    densify S; slow), with every factor row-major as stored, so a product rounds as the same plain nn.Linear's
+    would (what a serving export's base + PEFT adapter computes). Returns {path: module count}."""
     paths: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.use_kernel = use_kernels
             module._packed = module._packed if use_kernels else None
+            if not use_kernels and module.rank:
+                kernels.row_major(module.lora_A, module.lora_B)
             path = module.prepare() if use_kernels else "dequantize"
         elif isinstance(module, LowRankSparseLinear):
             module._fast, module.use_kernel = None, use_kernels
+            if not use_kernels:
+                kernels.row_major(module.A, module.B)
             path = module.prepare() if use_kernels else "densify"
-        elif type(module) is LowRankLinear and use_kernels:
-            path = module.prepare()
+        elif type(module) is LowRankLinear:
+            if not use_kernels:
+                kernels.row_major(module.A, module.B)
+            path = module.prepare() if use_kernels else "row-major"
         else:
             continue
         paths[path] = paths.get(path, 0) + 1
