@@ -16,7 +16,8 @@ from tests.test_target_size import FAST, tied  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PACKED = {"svd-llm", "gptq-8bit", "gptq-4bit", "gptq-3bit", "gptq-8bit+eora", "gptq-4bit+eora", "gptq-3bit+eora"}
+PACKED = {"svd-llm", "gptq-8bit", "gptq-6bit", "gptq-5bit", "gptq-4bit", "gptq-3bit", "gptq-8bit+eora", "gptq-4bit+eora",
+          "gptq-3bit+eora"}
 
 
 def _case(m=64, n=128):
@@ -40,15 +41,39 @@ def test_speed_any_and_a_candidates_list_offer_what_they_name():
     named = ("gptq-6bit", "svd-llm-int8")
     assert AutoOptions(candidates=named).speed == "any"
     assert _offered(AutoOptions(group_size=32, rank_step=8, candidates=named)) == set(named)
-    assert _offered(AutoOptions(group_size=32, rank_step=8, candidates=named, speed="packed")) == set()
+    # packed: 6-bit with one scale per row (the int8 kernel's layout); quantised factors have no kernel
+    assert _offered(AutoOptions(group_size=32, rank_step=8, candidates=named, speed="packed")) == {"gptq-6bit"}
+    # a group size asked for explicitly is honoured, and then 6-bit has no kernel
+    assert _offered(AutoOptions(group_size=32, group_size_mid=32, rank_step=8, candidates=named,
+                                speed="packed")) == set()
 
 
 def test_packed_follows_each_targets_shape():
     # out_features 40: the CPU int4 kernel needs a multiple of 16, so 4-/3-bit GPTQ is not offered there
-    assert _offered(AutoOptions(group_size=32, rank_step=8), m=40) == {"svd-llm", "gptq-8bit", "gptq-8bit+eora"}
+    assert _offered(AutoOptions(group_size=32, rank_step=8), m=40) == {"svd-llm", "gptq-8bit", "gptq-6bit",
+                                                                        "gptq-5bit", "gptq-8bit+eora"}
     # 6-bit with one group per row runs on the int8 kernel
     assert "gptq-6bit" in _offered(AutoOptions(group_size=128, rank_step=8, speed="packed",
                                                candidates=("gptq-6bit", "gptq-4bit")))
+
+
+def test_packed_six_and_five_bit_take_one_scale_per_row_and_run_on_the_int8_kernel():
+    from compressor.budget.rank import packed_bytes
+    from compressor.nn.modules import module_from_factors
+
+    w, stats = _case()
+    packed = auto._Target(w, stats, AutoOptions(group_size=32))
+    grouped = auto._Target(w, stats, AutoOptions(group_size=32, speed="any"))
+    for name, bits in (("gptq-6bit", 6), ("gptq-5bit", 5)):
+        q = packed.build(name, 0)
+        assert q.group_size == 128 and q.scales.shape == (64, 1)
+        assert packed.bytes(name, 0) == packed_bytes(64, 128, bits, 128) < grouped.bytes(name, 0)
+        assert grouped.build(name, 0).group_size == 32
+        module = module_from_factors(q, None, torch.float32)
+        assert module.prepare() == "int8"
+        x = torch.randn(3, 128)
+        exact = x @ q.dequantized().float().T  # the kernel takes bf16 activations (its exactness: test_kernels.py)
+        assert (module(x) - exact).norm() < 1e-2 * exact.norm()
 
 
 def test_uniform_error_names_speed_in_one_line():

@@ -4,8 +4,9 @@
 Candidates (`candidates`), each at the exact bytes the checkpoint will hold (compressor.budget.rank):
 - `svd-llm`:        whitened truncation (SVD-LLM), factors in the output dtype, rank r;
 - `svd-llm-int8`, `svd-llm-int4`: the same with 8-/4-bit factors (compressor/methods/factor_quant.py);
-- `gptq-8bit` … `gptq-3bit`: GPTQ with `group_size` columns per scale (8-bit: one scale per row). 8, 4 and 3
-                    bits run through torch's packed matmul kernels (compressor/nn/kernels.py); 6 and 5 bits with
+- `gptq-8bit` … `gptq-3bit`: GPTQ with `group_size` columns per scale (8-bit: one scale per row; 6- and 5-bit:
+                    one scale per row under `speed: packed`, `group_size_mid`). 8 bits and per-row 6/5 bits run on
+                    torch's int8 kernel, 4 and 3 bits on its int4 kernel (compressor/nn/kernels.py); 6 and 5 bits with
                     groups dequantise on every forward (slower inference, the same bytes on disk and in memory);
 - `gptq-Nbit+eora`: that base plus an EoRA residual (whitened truncation of W − Q) of rank r, in the output dtype.
 
@@ -27,11 +28,12 @@ Predicted errors, ‖(W − Ŵ)X‖² on the dense calibration inputs (G = X X�
 - quantised factors: the truncation's error plus κ × the kept energy, κ measured once per target and bit width at
   one probe rank (factor quantisation noise is roughly a fixed fraction of what the factors carry).
 `speed` (what the output's decode speed may cost): `packed` offers a target only the encodings that run there on a
-packed kernel of this torch build (kernels.fallback_reason on CPU: GPTQ at 8 bits per row and at 4/3/2 bits on the
-int4 kernel, where the shape allows) or as dense GEMMs (`svd-llm`, EoRA residuals), so `--target-size` never returns
-layers that dequantise on every forward (grouped 5-/6-bit GPTQ, 8-/4-bit low-rank factors); `any` offers every
-candidate. Unset, it is `packed` with the default candidates and `any` with a `candidates` list (a named encoding is
-built as asked). On SmolLM2 at 0.4× the slow widths bought 42.74 against 43.16 perplexity (docs/benchmarks.md).
+packed kernel of this torch build (kernels.fallback_reason on CPU: GPTQ at 8/6/5 bits per row on the int8 kernel
+and at 4/3/2 bits on the int4 kernel, where the shape allows) or as dense GEMMs (`svd-llm`, EoRA residuals), so
+`--target-size` never returns layers that dequantise on every forward (grouped 5-/6-bit GPTQ, 8-/4-bit low-rank
+factors); `any` offers every candidate. Unset, it is `packed` with the default candidates and `any` with a
+`candidates` list (a named encoding is built as asked). On SmolLM2 at 0.4× grouped 6-/5-bit bought 42.74 against
+43.20 perplexity without them (docs/benchmarks.md); per-row 6-/5-bit under `packed`: see there.
 When no candidate fits the method raises a UserError: a budget lrc cannot meet is a one-line error, never a
 silent overshoot.
 
@@ -73,6 +75,7 @@ ALL: tuple = Candidate.__args__
 # Every candidate by default; `speed` (unset: packed) then keeps those with a packed path on each target.
 DEFAULT: tuple = ALL
 LOWRANK_BITS = {"svd-llm": None, "svd-llm-int8": 8, "svd-llm-int4": 4}
+MID_BITS = (6, 5)  # GPTQ widths between the int8 and int4 kernels (`group_size_mid`)
 PROBE_SIZE = 0.4  # the size (fraction of dense bytes) at which quantised factors' noise is measured
 # The default candidates of each `export` (module docstring; compressor/io/export_serving.py): 4 bits, a width
 # vLLM's WNA16 kernels take.
@@ -97,6 +100,9 @@ class AutoOptions(BaseModel):
     group_size_8bit: Optional[int] = Field(
         None, gt=0, description="columns per scale of 8-bit GPTQ (None: one scale per row, the layout torch's int8 "
                                 "matmul kernel takes; 8 bits need no finer groups)")
+    group_size_mid: Optional[int] = Field(
+        None, gt=0, description="columns per scale of 6- and 5-bit GPTQ (None: one scale per row under speed: packed, "
+                                "the layout torch's int8 kernel runs exactly; group_size under speed: any)")
     act_order: bool = Field(True, description="GPTQ in descending order of input energy (static groups: the same "
                                              "stored layout)")
     rank_step: int = Field(8, gt=0, description="allocation: global tries ranks that are multiples of this")
@@ -218,7 +224,12 @@ class _Target:
         return self._bases[bits]
 
     def _group(self, bits: int) -> int:
-        return (self.options.group_size_8bit or self.n) if bits == 8 else self.options.group_size
+        if bits == 8:
+            return self.options.group_size_8bit or self.n
+        if bits in MID_BITS:
+            # Grouped 6-/5-bit codes have no kernel; with one scale per row they run on the int8 one (exactly).
+            return self.options.group_size_mid or (self.n if self.options.packed_only else self.options.group_size)
+        return self.options.group_size
 
     def build(self, name: str, r: int):
         if name in LOWRANK_BITS:
