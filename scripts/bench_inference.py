@@ -226,6 +226,8 @@ def build_checkpoints(args, out: Path, device) -> tuple[Path, list[tuple[str, Pa
         rows += [(name, name, []) for name in args.recipes if name == "rtn-4bit"]
     else:
         rows = [(name, name, list(RECIPE_OVERRIDES.get(name, ()))) for name in args.recipes]
+        # `auto` at several sizes (size_ratio: the targets' bytes / their dense bytes), one row each
+        rows += [(f"auto {size:g}", "auto", [f"options.size_ratio={size:g}"]) for size in args.auto_sizes]
     if args.synthetic:
         torch.manual_seed(0)
         with torch.device(device):
@@ -293,8 +295,11 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (default: float32 on CPU, the checkpoint's on GPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--recipes", type=lambda v: v.split(","), default=list(RECIPES),
+    parser.add_argument("--recipes", type=lambda v: [x for x in v.split(",") if x], default=list(RECIPES),
                         help=f"comma-separated recipes to compare with dense (default: {','.join(RECIPES)})")
+    parser.add_argument("--auto-sizes", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                        help="also `auto` at each of these size_ratio values (e.g. 0.3,0.4,0.6), rows 'auto 0.4' "
+                             "(with --reuse: WORKDIR/auto/auto-0.4)")
     parser.add_argument("--no-dense-transposed", dest="dense_transposed", action="store_false",
                         help="skip the 'dense Wᵀ' control row (dense weights in the low-rank modules' memory layout)")
     parser.add_argument("--fuse-siblings", action="store_true",

@@ -207,13 +207,15 @@ def layer_linears(shape: dict) -> list[tuple[int, int]]:
 
 
 def recipe_needs(recipe: str) -> tuple[frozenset, int]:
-    """The statistics the recipe's method collects, and how many activation streams the run keeps: 2 when the
+    """The statistics the run collects (the method's, plus the report's Gram for its output error: a Gram-free
+    method such as rtn still holds every input's Gram), and how many activation streams the run keeps: 2 when the
     dense model's activations walk beside the compressed ones (compressor/pipeline/sequential.py)."""
     from compressor import registry
+    from compressor.pipeline.compression import REPORT_STATS
     from compressor.recipe import load_recipe
 
     r = load_recipe(recipe)
-    needs = registry.get(r.method).needs_for(r.method_options())
+    needs = REPORT_STATS | registry.get(r.method).needs_for(r.method_options())
     dense = "cross" in needs or (r.refine.epochs > 0 and r.refine.target == "dense")
     return needs, 2 if dense and r.sequential.inputs == "compressed" else 1
 
@@ -230,8 +232,8 @@ def formulas(shape: dict, recipe: str, tokens: int) -> dict:
         "weights_fp32": (4 * params, "layer linears × 4 B"),
         "compressed_copy": (4 * params, "≤ layer linears × 4 B (the compressed layer while it is written)"),
         "grams": ((3 * h * h + i * i) * 8 * gram_each if "gram" in needs else 0,
-                  f"(3·hidden² + intermediate²) × 8 B{' × 2 (cross)' if gram_each == 2 else ''}, if the method "
-                  "needs Grams"),
+                  f"(3·hidden² + intermediate²) × 8 B{' × 2 (cross)' if gram_each == 2 else ''} (the report's "
+                  "output error needs them even where the method does not)"),
         "activations": (tokens * h * 4 * 2 * streams, f"tokens × hidden × 4 B × 2 (layer inputs and outputs)"
                                                       f"{' × 2 (dense stream)' if streams == 2 else ''}"),
         "runtime": (int(RUNTIME_BYTES), "Python + torch + transformers"),
