@@ -64,7 +64,9 @@ ERROR_ROWS = 512  # rows per fp64 block: the transient stays ~3 × 512 × n × 8
 
 
 def _errors(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tensor | None) -> tuple[float, float | None]:
-    g = None if gram is None else gram.to(W.device, torch.float64)
+    """Relative weight and output errors. The Gram's products run in its own dtype (a report-only fp32 Gram is
+    never copied to fp64: 6.6 GB at a 70B down_proj), each block's sums accumulated in fp64."""
+    g = None if gram is None else gram.to(W.device)
     sums = torch.zeros(4, dtype=torch.float64)  # ‖Δ‖², ‖W‖², tr(Δ G Δᵀ), tr(W G Wᵀ)
     for start in range(0, W.shape[0], ERROR_ROWS):
         w = W[start : start + ERROR_ROWS].to(torch.float64)
@@ -72,8 +74,9 @@ def _errors(W: torch.Tensor, W_hat: torch.Tensor, gram: torch.Tensor | None) -> 
         sums[0] += delta.pow(2).sum().cpu()
         sums[1] += w.pow(2).sum().cpu()
         if g is not None:
-            sums[2] += ((delta @ g) * delta).sum().cpu()
-            sums[3] += ((w @ g) * w).sum().cpu()
+            d, v = delta.to(g.dtype), w.to(g.dtype)
+            sums[2] += ((d @ g) * d).sum(dtype=torch.float64).cpu()
+            sums[3] += ((v @ g) * v).sum(dtype=torch.float64).cpu()
     rel_w = math.sqrt(sums[0].item() / max(sums[1].item(), 1e-300))
     if g is None:
         return rel_w, None

@@ -26,7 +26,7 @@ class Stats:
     """Statistics of one linear's inputs x_t (n features) over `count` calibration tokens."""
 
     count: int = 0
-    gram: torch.Tensor | None = None  # Σ x xᵀ, (n, n) fp64
+    gram: torch.Tensor | None = None  # Σ x xᵀ, (n, n) fp64 (fp32 when only the report reads it: "report_gram")
     abs_sum: torch.Tensor | None = None  # Σ |x|, (n,) fp64
     # Diagonal Fisher Σ_batches (∂L/∂W_ij)² of ONE module (not shared with the input's other readers: each weight
     # has its own gradient), summed over the input axis -> one importance per output row (m,), and over the
@@ -138,9 +138,10 @@ class StatsCollector:
         s = self.stats.setdefault(name, Stats())
         s.count += x.shape[0]
         n = x.shape[-1]
-        if "gram" in self.needs:
+        gram_dtype = torch.float64 if "gram" in self.needs else torch.float32 if "report_gram" in self.needs else None
+        if gram_dtype is not None:
             if s.gram is None:
-                s.gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+                s.gram = torch.zeros(n, n, dtype=gram_dtype, device=x.device)
             for chunk in x.split(GRAM_CHUNK):
                 _add_gram_blocked(s.gram, chunk.float())
         if "cross" in self.needs:
