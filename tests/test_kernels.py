@@ -122,10 +122,22 @@ def test_fallback_warns_once_and_is_chunked_exactly():
     assert len([w for w in caught if "dequantise" in str(w.message)]) == 1
     assert "5-bit" in str(caught[0].message)
     assert torch.equal(y, y2)
-    torch.testing.assert_close(y, x @ module.dequantized_weight().T, rtol=1e-5, atol=1e-5)
+    # several row blocks dequantised, then one product: what nn.Linear with the dequantised weight computes
+    assert torch.equal(y, torch.nn.functional.linear(x, module.dequantized_weight()))
     rows = kernels.fallback_rows(256, 64, 5, 4)
     assert rows < 64  # several chunks: the temporaries stay under half the dense layer's bytes
     assert rows * 256 * (8 * 5 + 16) <= 64 * 256 * 4 / 2 or rows == 16
+
+
+def test_reference_path_rounds_as_one_linear_whatever_its_row_blocks():
+    """The demo model's gate_proj shape, 3 bits: the weight is dequantised in 38-row blocks; per-block products
+    (the old path) differed from one nn.Linear by 1.4e-5 here, which is what a serving export computes."""
+    module = module_from_factors(_quantized(768, 256, 3, 128), None, torch.float32).eval()
+    module.use_kernel = False  # lrc's exact reference path (prepare_inference(use_kernels=False))
+    assert kernels.fallback_rows(256, 768, 3, 4) < 768
+    x = torch.randn(1, 64, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(module(x), torch.nn.functional.linear(x, module.dequantized_weight()))
 
 
 def test_gradients_through_x_take_the_dequantise_path():
