@@ -32,8 +32,8 @@ packed kernel of this torch build (kernels.fallback_reason on CPU: GPTQ at 8/6/5
 and at 4/3/2 bits on the int4 kernel, where the shape allows) or as dense GEMMs (`svd-llm`, EoRA residuals), so
 `--target-size` never returns layers that dequantise on every forward (grouped 5-/6-bit GPTQ, 8-/4-bit low-rank
 factors); `any` offers every candidate. Unset, it is `packed` with the default candidates and `any` with a
-`candidates` list (a named encoding is built as asked). On SmolLM2 at 0.4× grouped 6-/5-bit bought 42.74 against
-43.20 perplexity without them (docs/benchmarks.md); per-row 6-/5-bit under `packed`: see there.
+`candidates` list (a named encoding is built as asked). On SmolLM2 at 0.4× (docs/benchmarks.md): grouped 6-/5-bit
+(`any`) 42.74, decoding 0.20× dense; `packed` without 6-/5-bit 43.20; `packed` with per-row 6-/5-bit 42.67, 1.5×.
 When no candidate fits the method raises a UserError: a budget lrc cannot meet is a one-line error, never a
 silent overshoot.
 
