@@ -231,9 +231,9 @@ def formulas(shape: dict, recipe: str, tokens: int) -> dict:
     terms = {
         "weights_fp32": (4 * params, "layer linears × 4 B"),
         "compressed_copy": (4 * params, "≤ layer linears × 4 B (the compressed layer while it is written)"),
-        "grams": ((3 * h * h + i * i) * 8 * gram_each if "gram" in needs else 0,
-                  f"(3·hidden² + intermediate²) × 8 B{' × 2 (cross)' if gram_each == 2 else ''} (the report's "
-                  "output error needs them even where the method does not)"),
+        "grams": ((3 * h * h + i * i) * (8 if "gram" in needs else 4) * gram_each,
+                  f"(3·hidden² + intermediate²) × {'8 B (fp64)' if 'gram' in needs else '4 B (fp32: only the report reads them)'}"
+                  f"{' × 2 (cross)' if gram_each == 2 else ''}"),
         "activations": (tokens * h * 4 * 2 * streams, f"tokens × hidden × 4 B × 2 (layer inputs and outputs)"
                                                       f"{' × 2 (dense stream)' if streams == 2 else ''}"),
         "runtime": (int(RUNTIME_BYTES), "Python + torch + transformers"),
