@@ -28,27 +28,68 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(m, g, group_size)
 
 
-def rtn_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """Per-group (scale, zero) for round-to-nearest, computed in fp32. Returns scale (m, g) fp32, zero (m, g)."""
-    wg = _grouped(w.float(), group_size)
+# The range search of GPTQ's reference (`Quantizer.find_params(mse=True)`: grid 100, maxshrink 0.8, norm 2.4), also
+# llm-compressor's MSE observer: each group's [min, max] shrunk by p = 1, 0.99, ..., 0.21, keeping the p with the
+# least Σ|w − ŵ|^2.4. The exponent above 2 weighs the large errors that clipping creates against the many small
+# rounding errors it removes; measured on SmolLM2 (GPTQ, act-order, 3-bit g128) it lowered the layers' relative
+# output errors 5–10 % where plain squared error helped some and hurt others.
+CLIP_SHRINKS = tuple(1.0 - i / 100 for i in range(80))
+CLIP_NORM = 2.4
+_CLIP_BLOCK_ELEMENTS = 1 << 22  # rows searched at a time: a few fp32 temporaries of this size, never of W's
+
+
+def _params_at(wg: torch.Tensor, bits: int, symmetric: bool, shrink: float):
+    """(scale, zero) of grouped weights (m, g, gs) with their range scaled by `shrink` (1: the plain min/max)."""
     qmax = 2**bits - 1
     if symmetric:
-        amax = wg.abs().amax(dim=-1)
+        amax = wg.abs().amax(dim=-1) * shrink
         scale = 2 * amax / qmax
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
-        wmin = wg.amin(dim=-1).clamp(max=0)
-        wmax = wg.amax(dim=-1).clamp(min=0)
+        wmin = wg.amin(dim=-1).clamp(max=0) * shrink
+        wmax = wg.amax(dim=-1).clamp(min=0) * shrink
         scale = (wmax - wmin) / qmax
         zero = torch.round(-wmin / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, qmax)
     # An all-zero group would give scale 0 and 0/0 later: any positive scale represents it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     # Round scales to fp16 now so that quantization uses exactly the scales that get stored; round up, never
-    # down, so the group's extremes still fall within half a step of a code (no clipping).
+    # down, so the group's (shrunk) extremes still fall within half a step of a code.
     half = scale.half()
     half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
-    scale = half.float()
-    return scale, zero
+    return half.float(), zero
+
+
+def _clipped_params(wg: torch.Tensor, valid: torch.Tensor, bits: int, symmetric: bool):
+    qmax = 2**bits - 1
+    best_err = best_scale = best_zero = None
+    for shrink in CLIP_SHRINKS:
+        scale, zero = _params_at(wg, bits, symmetric, shrink)
+        s, z = scale[..., None], zero[..., None]
+        err = ((wg - (torch.clamp(torch.round(wg / s) + z, 0, qmax) - z) * s).abs().pow(CLIP_NORM) * valid).sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err  # strict: ties keep the wider range
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def rtn_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: bool = False):
+    """Per-group (scale, zero) for round-to-nearest, computed in fp32. Returns scale (m, g) fp32, zero (m, g).
+    `clip`: search each group's range (CLIP_SHRINKS) for the least Σ|w − ŵ|^CLIP_NORM instead of its min/max; the
+    stored format is the same."""
+    wg = _grouped(w.float(), group_size)
+    if not clip:
+        return _params_at(wg, bits, symmetric, 1.0)
+    m, g, gs = wg.shape
+    valid = torch.ones(g * gs, dtype=wg.dtype, device=wg.device)
+    valid[w.shape[1]:] = 0.0  # the ragged last group's padding columns do not count
+    valid = valid.reshape(g, gs)
+    rows = max(1, _CLIP_BLOCK_ELEMENTS // (g * gs))
+    parts = [_clipped_params(wg[i : i + rows], valid, bits, symmetric) for i in range(0, m, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

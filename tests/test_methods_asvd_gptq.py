@@ -106,12 +106,12 @@ def test_gptq_batched_equals_one_matrix_at_a_time():
         assert torch.equal(single.qweight, f.qweight) and torch.equal(single.scales, f.scales)
 
 
-def naive_obq(W, H, bits):
+def naive_obq(W, H, bits, clip):
     """Column-by-column optimal-brain-quantization update with the explicit inverse (no Cholesky, no blocks),
     fp64, one group per row: the textbook form of the update GPTQ computes with a Cholesky factor."""
     W = W.double().clone()
     n = W.shape[1]
-    scale, zero = quant.rtn_params(W, bits, n, False)
+    scale, zero = quant.rtn_params(W, bits, n, False, clip)
     s, z = scale[:, 0].double(), zero[:, 0].double()
     Hinv = torch.linalg.inv(H)
     Q = torch.empty_like(W)
@@ -124,25 +124,27 @@ def naive_obq(W, H, bits):
     return Q
 
 
-def test_gptq_matches_textbook_update_for_any_block_size():
+@pytest.mark.parametrize("clip", [False, True])
+def test_gptq_matches_textbook_update_for_any_block_size(clip):
     n = 48
     W = torch.randn(32, n, generator=torch.Generator().manual_seed(6))
     gram = stats_of(correlated_inputs(n, 300, seed=6)).gram
     H = 2 * gram
     H = H + 0.01 * torch.diagonal(H).mean() * torch.eye(n, dtype=torch.float64)
-    reference = naive_obq(W, H, 4)
+    reference = naive_obq(W, H, 4, clip)
     for block_size in (1, 7, 128):
-        codes, _, _ = gptq_codes(W, gram, GPTQOptions(bits=4, group_size=n, block_size=block_size))
+        codes, _, _ = gptq_codes(W, gram, GPTQOptions(bits=4, group_size=n, block_size=block_size, clip=clip))
         agree = (codes.double() == reference).double().mean().item()
         assert agree > 0.99, (block_size, agree)  # measured: all codes agree; fp32 vs fp64 may flip a tie
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_with_uncorrelated_equal_inputs_is_rtn(act_order):
+@pytest.mark.parametrize("clip", [False, True])
+def test_gptq_with_uncorrelated_equal_inputs_is_rtn(act_order, clip):
     W = torch.randn(2, 16, 50, generator=torch.Generator().manual_seed(7))
     stats = Stats(count=100, gram=3.0 * torch.eye(50, dtype=torch.float64))
-    gptq = run("gptq", W, stats, bits=3, group_size=16, act_order=act_order)
-    rtn = run("rtn", W, None, bits=3, group_size=16)
+    gptq = run("gptq", W, stats, bits=3, group_size=16, act_order=act_order, clip=clip)
+    rtn = run("rtn", W, None, bits=3, group_size=16, clip=clip)
     for g, r in zip(gptq.factors, rtn.factors):  # a diagonal H spreads no error: nothing to compensate
         assert torch.equal(g.qweight, r.qweight) and torch.equal(g.scales, r.scales) and torch.equal(g.qzeros, r.qzeros)
 

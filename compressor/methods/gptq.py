@@ -10,7 +10,9 @@ Follows the reference implementation (IST-DASLab/gptq `fasterquant`; GPTQModel),
 - Dead inputs (diag H == 0: the channel was always zero) get H_ii = 1 and W[:, i] = 0, as in the reference;
   their weights never touch the output on the calibration data.
 - Group scales/zeros use `compressor.quant.rtn_params` (fp16 scales rounded up, integer zeros), so the stored
-  format is exactly RTN's. Without act-order a group's parameters are computed when its first column is
+  format is exactly RTN's. By default (`clip`) each group's range is searched as the reference's `mse=True`
+  does (shrink 1 → 0.21, least Σ|w − ŵ|^2.4), not taken from its min/max: on SmolLM2 at 3 bits it lowered the
+  layers' output errors 5–10 %. Without act-order a group's parameters are computed when its first column is
   reached, from the error-updated weights (the reference reads the block-start copy of the in-block columns;
   we read the current ones, which is what the rounding then sees).
 - With `act_order` (columns in descending diag H order) lrc's storage still needs groups of consecutive
@@ -35,6 +37,8 @@ from compressor.registry import register
 
 
 class GPTQOptions(RTNOptions):
+    clip: bool = Field(True, description="search each group's range for the least |w − ŵ|^2.4 (the reference's "
+                       "mse option) instead of taking its min/max; same stored format")
     damp: float = Field(0.01, gt=0, lt=1, description="λ = damp · mean(diag H) added to H's diagonal")
     act_order: bool = Field(False, description="quantize columns in descending diag(H) order (static groups)")
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
@@ -86,7 +90,7 @@ def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessia
     scale = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
     zero = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
     if options.act_order:
-        scale[:], zero[:] = quant.rtn_params(W, bits, gs, sym)  # static groups in original column order
+        scale[:], zero[:] = quant.rtn_params(W, bits, gs, sym, options.clip)  # static groups in original column order
         W = W[:, perm]
     group_of = (perm // gs).tolist()  # group (original order) of each processed column
 
@@ -102,7 +106,7 @@ def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessia
             if not options.act_order and col % gs == 0:
                 later = max(0, col + gs - i2)  # columns of this group beyond the block
                 ahead = torch.cat([W1[:, i : i + gs], W[:, i2 : i2 + later]], dim=1)  # the group's current weights
-                s, z = quant.rtn_params(ahead, bits, gs, sym)
+                s, z = quant.rtn_params(ahead, bits, gs, sym, options.clip)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             s, z = scale[:, g], zero[:, g]
             w = W1[:, i]

@@ -16,11 +16,13 @@ class RTNOptions(BaseModel):
     bits: int = Field(4, ge=2, le=8)
     group_size: int = Field(128, gt=0, description="input columns per scale/zero")
     symmetric: bool = False
+    clip: bool = Field(False, description="search each group's range for the least |w − ŵ|^2.4 (quant.CLIP_SHRINKS) "
+                       "instead of taking its min/max; same stored format")
 
 
 def rtn_quantize(W: torch.Tensor, options, stats=None) -> Quantized:
     """One (m, n) matrix. `stats` is unused: the signature is shared with the other EoRA bases (eora.BASES)."""
-    scale, zero = quant.rtn_params(W, options.bits, options.group_size, options.symmetric)
+    scale, zero = quant.rtn_params(W, options.bits, options.group_size, options.symmetric, options.clip)
     q = quant.quantize(W, scale, zero, options.bits, options.group_size)
     return Quantized.from_codes(q, scale, zero, options.bits, options.group_size)
 
