@@ -143,3 +143,39 @@ def test_sparse_budget_in_bytes_picks_the_smaller_format():
         assert sparse_format(options, m, n, k, per_row=True) == fmt  # the bitmask pays above 1/16 density
     with pytest.raises(ValidationError, match="one of"):
         LS.Options(size_ratio=0.5, param_ratio=0.5)
+
+
+def test_output_error_from_the_factors_equals_the_dense_difference():
+    from compressor.methods.factor_quant import _output_error
+
+    g = torch.Generator().manual_seed(3)
+    B, Bh = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(50, 6, generator=g, dtype=torch.float64)
+    A, Ah = torch.randn(6, 30, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    X = torch.randn(30, 200, generator=g, dtype=torch.float64)
+    dense = float(((B @ A - Bh @ Ah) @ X).pow(2).sum())
+    assert _output_error(B, A, Bh, Ah, X @ X.T) == pytest.approx(dense, rel=1e-10)
+
+
+def test_quantising_tall_factors_never_forms_the_dense_product(tmp_path):
+    """A 70B down_proj's factors are 28672 × r and r × 8192: the old code formed B A, its difference and D G in fp64
+    (several GB per target). Here B A would be 40000 × 1024 fp64 = 328 MB; the run may add at most half of that."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, torch
+from compressor.methods.factor_quant import quantize_lowrank
+from compressor.nn.factors import LowRank
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+f = LowRank(A=torch.randn(4, 1024, generator=g), B=torch.randn(40000, 4, generator=g))
+X = torch.randn(1024, 2048, generator=g, dtype=torch.float64)
+gram = X @ X.T
+del X
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+q = quantize_lowrank(f, gram, 8, None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 164e6  # measured: old code +1.34 GB

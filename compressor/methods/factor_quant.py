@@ -31,33 +31,38 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> Quant
     return Quantized.from_codes(codes, scale, zero, bits, group_size)
 
 
-def _output_error(L: torch.Tensor, B: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> float:
-    D = L - B @ A
-    return float(((D @ G) * D).sum())
+def _output_error(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.Tensor, G: torch.Tensor) -> float:
+    """‖(B A − B̂ Â) X‖²_F = tr(PᵀP · K G Kᵀ) with P = [B, −B̂] (m × 2r), K = [A; Â] (2r × n): products of rank 2r,
+    never the m × n difference (a 70B down_proj's D G alone is m·n² flops and its dense fp64 temporaries ~7 GB)."""
+    P = torch.cat([B, -Bh], dim=1)
+    K = torch.cat([A, Ah], dim=0)
+    return float(((P.T @ P) * (K @ G @ K.T)).sum())  # tr(M N) = Σ M ∘ Nᵀ, both symmetric
 
 
 @torch.no_grad()
 def quantize_lowrank(factors: LowRank, gram: torch.Tensor | None, bits: int, group_size: int | None) -> QuantLowRank:
+    """Works on the factors only: L = B A (m × n) is never formed, so memory and time scale with the rank."""
     A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
     r, n = A.shape
     G = torch.eye(n, dtype=torch.float64, device=A.device) if gram is None else gram.to(A.device, torch.float64)
-    L = B @ A
     gA, gB = factor_group_size(group_size, n), factor_group_size(group_size, r)
 
     norms = torch.linalg.vector_norm(B, dim=0).clamp(min=1e-30)
     B, A = B / norms, A * norms[:, None]
-    qB = _gptq(B, A @ G @ A.T, bits, gB)
+    GA = G @ A.T  # n × r: every product with G below goes through it
+    qB = _gptq(B, A @ GA, bits, gB)
     Bh = qB.dequantized().to(torch.float64)
-    A = torch.linalg.pinv(Bh) @ L
-    qA = _gptq(A, G, bits, gA)
+    Af = (torch.linalg.pinv(Bh) @ B) @ A  # B̂⁺ L
+    qA = _gptq(Af, G, bits, gA)
     Ah = qA.dequantized().to(torch.float64)
-    best = _output_error(L, Bh, Ah, G)
+    best = _output_error(B, A, Bh, Ah, G)
 
-    H = Ah @ G @ Ah.T
+    GAh = G @ Ah.T
+    H = Ah @ GAh
     damp = 1e-8 * H.diagonal().mean().clamp(min=1e-300) * torch.eye(r, dtype=H.dtype, device=H.device)
-    B2 = torch.linalg.solve(H + damp, Ah @ G @ L.T).T
+    B2 = torch.linalg.solve(H + damp, (Ah @ GA) @ B.T).T  # L G Âᵀ (Â G Âᵀ)⁻¹
     qB2 = _gptq(B2, H, bits, gB)
-    if _output_error(L, qB2.dequantized().to(torch.float64), Ah, G) < best:
+    if _output_error(B, A, qB2.dequantized().to(torch.float64), Ah, G) < best:
         qB = qB2
     return QuantLowRank(A=qA, B=qB, group_size=group_size)
 
