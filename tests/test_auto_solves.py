@@ -23,14 +23,16 @@ def _case():
 
 
 def _count_hessians(monkeypatch):
+    """Counts factorisations of GPTQ Hessians: the Cholesky of H itself (that of H⁻¹ is the upper one)."""
     counts = {"gram": 0, "other": 0}
-    original = gptq._inverse_cholesky
+    original = torch.linalg.cholesky_ex
 
-    def counted(H, damp):
-        counts["gram" if H.shape == (N, N) else "other"] += 1
-        return original(H, damp)
+    def counted(H, *args, upper=False, **kwargs):
+        if not upper:
+            counts["gram" if H.shape == (N, N) else "other"] += 1
+        return original(H, *args, upper=upper, **kwargs)
 
-    monkeypatch.setattr(gptq, "_inverse_cholesky", counted)
+    monkeypatch.setattr(gptq.torch.linalg, "cholesky_ex", counted)
     return counts
 
 

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 
 from compressor import quant
+from compressor.linalg import symmetric_copy
 from compressor.nn.factors import Decomposition, Quantized
 from compressor.methods.rtn import RTNOptions
 from compressor.registry import register
@@ -44,36 +45,37 @@ class GPTQOptions(RTNOptions):
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, fp64."""
+def gptq_hessian(gram: torch.Tensor, damp: float, act_order: bool, device=None):
+    """What GPTQ derives from the Gram alone, the same for every bit width, group size and matrix quantised on it:
+    (dead inputs, column order, upper Cholesky factor of the damped H⁻¹ in that order, fp32). Callers that quantise
+    several matrices or widths on one Gram (auto's candidates) compute it once and pass it to gptq_codes.
+
+    At most two n × n fp64 matrices live at once besides the Gram (H, then H and its factor, then the factor and
+    the inverse, ...): a 70B down_proj's is 6.6 GB each, and the textbook expressions held five."""
+    H = symmetric_copy(gram, device=device).mul_(2.0)  # H = 2 X Xᵀ
     n = H.shape[0]
-    H = H + damp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype, device=H.device)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        H = H.index_select(0, perm)
+        H = H.index_select(1, perm)
+    else:
+        perm = torch.arange(n, device=H.device)
+    torch.diagonal(H).add_(damp * torch.diagonal(H).mean())
     L, info = torch.linalg.cholesky_ex(H)
+    del H
     if int(info) == 0:
         Hinv = torch.cholesky_inverse(L)
+        del L
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
     if int(info) != 0:
         raise FloatingPointError(
             f"GPTQ: Cholesky of the damped Hessian failed (leading minor {int(info)} of {n} not positive) "
             f"with damp={damp}; the calibration Gram is not usable — raise `damp` or check the statistics"
         )
-    return U
-
-
-def gptq_hessian(gram: torch.Tensor, damp: float, act_order: bool, device=None):
-    """What GPTQ derives from the Gram alone, the same for every bit width, group size and matrix quantised on it:
-    (dead inputs, column order, upper Cholesky factor of the damped H⁻¹ in that order, fp32). Callers that quantise
-    several matrices or widths on one Gram (auto's candidates) compute it once and pass it to gptq_codes."""
-    H = 2.0 * gram.to(device=device, dtype=torch.float64).clone()
-    H = 0.5 * (H + H.T)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        H = H[perm][:, perm]
-    else:
-        perm = torch.arange(H.shape[0], device=H.device)
-    return dead, perm, _inverse_cholesky(H, damp).to(torch.float32)
+    return dead, perm, U.to(torch.float32)
 
 
 def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessian=None):

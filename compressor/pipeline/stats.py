@@ -48,11 +48,8 @@ class Stats:
         whitens G + λI with λ = δ·tr(G)/n instead (the clamp or damping then acts on that)."""
         def compute():
             gram = self.gram
-            if ridge:
-                n = gram.shape[-1]
-                eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-                gram = gram + (ridge * gram.diagonal().sum() / n) * eye
-            return whitening(gram, eig_floor, method)
+            lam = float(ridge * gram.diagonal().sum() / gram.shape[-1]) if ridge else 0.0
+            return whitening(gram, eig_floor, method, ridge=lam)
 
         return self.derived(("whitening", eig_floor, method, ridge), compute)
 
