@@ -50,8 +50,10 @@ def _ridged_gram(stats, ridge: float) -> torch.Tensor:
     gram = stats.gram.to(torch.float64)
     if not ridge:
         return gram
-    n = gram.shape[-1]
-    return gram + (ridge * gram.diagonal().sum() / n) * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    lam = ridge * gram.diagonal().sum() / gram.shape[-1]
+    ridged = gram.clone()  # one n × n copy; gram + λ·eye(n) held three
+    ridged.diagonal().add_(lam)
+    return ridged
 
 
 def _whitened_target(W: torch.Tensor, stats, options: SVDLLMOptions):
