@@ -33,7 +33,7 @@ from datetime import date
 from pathlib import Path
 
 # scripts/ is sys.path[0] when this file runs as a script
-from peers_lib import checkpoint_bytes, ensure_venv, format_table, last_error, plot, target_bytes
+from peers_lib import checkpoint_bytes, ensure_venv, format_table, last_error, plot, rest_bytes, target_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "scripts" / "peer_worker.py"
@@ -228,7 +228,8 @@ def main():
 def lrc_rows(peers: list[dict], dense: dict, args, work: Path, wanted) -> list[dict]:
     """lrc at every peer's measured bytes (--target-size), then its gptq and eora recipes at 4 and 3 bits."""
     rows = []
-    kept_dense = dense["checkpoint_bytes"] - dense["target_bytes"]  # embeddings and norms, which lrc keeps as they are
+    # embeddings and norms, which lrc keeps as they are (tensor bytes: lrc's budget counts no file header)
+    kept_dense = rest_bytes(Path(args.model)) or dense["checkpoint_bytes"] - dense["target_bytes"]
     done: dict[int, dict] = {}  # target bytes -> lrc row: peers within 0.1 % of each other share one lrc run
     for peer in peers:
         if peer.get("error") or not peer.get("target_bytes"):

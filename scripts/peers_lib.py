@@ -46,6 +46,13 @@ def target_bytes(folder: Path) -> int | None:
     return sum(n for p in files for name, n in safetensors_sizes(p).items() if is_target(name))
 
 
+def rest_bytes(folder: Path) -> int:
+    """Bytes of every stored tensor that is not a targeted linear's (embeddings, norms, an untied head): what lrc
+    keeps as it is. Tensor bytes, not file sizes: file headers are not weights, and lrc's budget counts tensors."""
+    return sum(n for p in sorted(folder.glob("*.safetensors")) for name, n in safetensors_sizes(p).items()
+               if not is_target(name))
+
+
 COLUMNS = ("tool", "version", "setting", "targeted linears", "checkpoint", "perplexity", "Δ over dense", "seconds")
 
 

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from peers_lib import checkpoint_bytes, format_table, is_target, last_error, safetensors_sizes, target_bytes  # noqa: E402
+from peers_lib import (checkpoint_bytes, format_table, is_target, last_error, rest_bytes, safetensors_sizes,  # noqa: E402
+                       target_bytes)
 
 
 def test_safetensors_sizes_are_the_stored_byte_ranges(tmp_path):
@@ -42,6 +43,7 @@ def test_target_and_checkpoint_bytes_of_a_folder(tmp_path):
                "model.embed_tokens.weight": torch.zeros(10, 8)}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     assert target_bytes(tmp_path) == 4 * 8 * 4 + 8 * 2
+    assert rest_bytes(tmp_path) == 8 * 4 + 10 * 8 * 4  # tensors only: the header is no weight
     assert checkpoint_bytes(tmp_path) == (tmp_path / "model.safetensors").stat().st_size  # config.json is no weight
     (tmp_path / "pickled").mkdir()
     assert target_bytes(tmp_path / "pickled") is None  # no safetensors: the worker counts from its own file
