@@ -123,7 +123,7 @@ def _gram_svd(M: torch.Tensor, rank: int):
     eigvals, Q = torch.linalg.eigh(0.5 * (G + G.mT))
     Q = Q[..., :, -rank:].flip(-1)  # eigh sorts ascending
     s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
-    inv = _safe_inverse(s)
+    inv = safe_inverse(s)
     if wide:
         return Q, s, (M.mT @ Q * inv[..., None, :]).mT  # Vᵀ = Σ⁻¹ Uᵀ M
     return M @ Q * inv[..., None, :], s, Q.mT  # U = M V Σ⁻¹
@@ -161,13 +161,13 @@ def whitened_svd(M: torch.Tensor, rank: int, gram, whiten, solver: str = "gram")
         eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
         U = Q[..., :, -rank:].flip(-1)
         s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
-        return U, s, (U.mT @ M) * _safe_inverse(s)[..., :, None], 0
+        return U, s, (U.mT @ M) * safe_inverse(s)[..., :, None], 0
     white = whiten()
     U, s, Vh = truncated_svd(M @ white.S, rank, solver)
     return U, s, Vh.to(torch.float64) @ white.inverse, white.clamped
 
 
-def _safe_inverse(s: torch.Tensor) -> torch.Tensor:
+def safe_inverse(s: torch.Tensor) -> torch.Tensor:
     """1/σ, and 0 for σ ≈ 0: those components carry nothing (B = U√σ ≈ 0), so they get zero partners."""
     tiny = s[..., :1] * 1e-12 + torch.finfo(torch.float64).tiny
     return torch.where(s > tiny, 1.0 / s.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(s))

@@ -241,3 +241,33 @@ def test_beta_and_ridge_stream_to_the_same_checkpoint(tmp_path, tiny_model, cali
     recipe = load_recipe("svd-llm-20", ("calibration.nsamples=4", "calibration.seqlen=32", "beta=0.5",
                                          "ridge=0.01"))
     assert_streams_like_in_memory(tmp_path, tiny_model("qwen2", correlated=True), recipe, calib_ids(4, 32))
+
+
+@pytest.mark.parametrize("beta,ridge", [(0.25, 0.01), (1.0, 0.0)])
+def test_a_wide_target_through_its_small_gram_equals_the_whitened_path(beta, ridge, monkeypatch):
+    """m < n with β > 0: one Cholesky solve with Ĝ + λI and the m × m Gram of the target replace the n × n eigh and
+    whitening (svd_llm._wide_target_svd); the answer is the whitened path's, nothing clamped on either."""
+    from compressor.methods import svd_llm
+
+    X = correlated_inputs(40, 600, seed=9)
+    W = torch.randn(2, 24, 40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    stats = _two_stream_stats(X, _perturbed(X, 9))
+    assert stats.whitening(ridge=ridge).clamped == 0
+    calls = []
+    real = svd_llm._wide_target_svd
+    monkeypatch.setattr(svd_llm, "_wide_target_svd", lambda *a: calls.append(1) or real(*a))
+    for rank in (5, 24):
+        small = run("svd-llm", W, stats, rank, beta=beta, ridge=ridge)
+        whitened = run("svd-llm", W, stats, rank, beta=beta, ridge=ridge, svd_solver="full")
+        for a, b in zip(small.factors, whitened.factors):
+            torch.testing.assert_close(a.dense(), b.dense(), rtol=0, atol=1e-8 * b.dense().abs().max().item())
+    assert len(calls) == 2  # the "gram" solver took the small path, "full" did not
+
+
+def test_a_wide_target_on_a_singular_gram_without_ridge_is_whitened_and_clamped():
+    X = correlated_inputs(40, 600, seed=10)
+    X[:, 3] = 0.0  # a dead input: Ĝ is singular and has no Cholesky factor
+    W = torch.randn(1, 24, 40, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    stats = _two_stream_stats(X, _perturbed(X, 10) * (X != 0))
+    out = run("svd-llm", W, stats, 6, beta=0.5)
+    assert out.clamped_eigenvalues > 0 and torch.isfinite(out.factors[0].dense()).all()
