@@ -58,9 +58,9 @@ def test_auto_factors_gptqs_hessian_once_per_input_with_the_same_result(monkeypa
     counts = _count_hessians(monkeypatch)
     for w in W:
         auto.choices(w, stats, options)
-    # One factorisation of the Gram for 3 targets × 5 widths (before: 15), plus each target's two factor-
-    # quantisation probes, whose A is quantised on the Gram without act-order (a different factor).
-    assert counts["gram"] == 1 + 2 * 3
+    # One factorisation of the Gram for 3 targets × 5 widths (before: 15), and one (without act-order: a different
+    # factor) for the 3 targets × 2 factor-quantisation probes, whose A is quantised on the Gram (before: 6).
+    assert counts["gram"] == 1 + 1
     assert counts["other"] == 4 * 3  # the probes' B on A G Aᵀ, twice each
     stats.release_derived()
 

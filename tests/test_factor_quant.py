@@ -179,3 +179,23 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) < 164e6  # measured: old code +1.34 GB
+
+
+def test_readers_of_one_input_share_the_factor_quantisation_hessian(monkeypatch):
+    """q/k/v's factors are quantised on one input Gram: GPTQ's n³ factor of it is computed once, not per target."""
+    from compressor.methods import factor_quant
+
+    W, stats = problem()
+    result = SVD_LLM.decompose(W.expand(3, -1, -1).contiguous(), stats, SVD_LLM.Options(rank=8), 8)
+    n = W.shape[-1]
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                        lambda H, *a, upper=False, **k: (calls.append(H.shape[-1]) if not upper and H.shape[-1] == n
+                                                         else None) or real(H, *a, upper=upper, **k))
+    shared = factor_quant.quantize_decomposition(result, stats.gram, 8, None)
+    assert len(calls) == 1  # was 3
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+    for f, q in zip(result.factors, shared.factors):  # and the same codes as quantising each on its own
+        own = quantize_lowrank(f, stats.gram, 8, None)
+        assert torch.equal(own.A.qweight, q.A.qweight) and torch.equal(own.B.qweight, q.B.qweight)

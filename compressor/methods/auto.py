@@ -63,7 +63,7 @@ from compressor.budget.byte_budget import Choice
 from compressor.errors import UserError
 from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import DEFAULT_EIG_FLOOR, whitened_svd
-from compressor.methods.factor_quant import quantize_lowrank
+from compressor.methods.factor_quant import input_hessian, quantize_lowrank
 from compressor.nn import kernels
 from compressor.methods.gptq import GPTQOptions, gptq_hessian, gptq_quantize
 from compressor.budget.rank import factor_bytes, packed_bytes, rank_for_size
@@ -235,7 +235,11 @@ class _Target:
         if name in LOWRANK_BITS:
             f = _lowrank(*self.svd, r)
             bits = LOWRANK_BITS[name]
-            return f if bits is None else quantize_lowrank(f, self.stats.gram, bits, self.options.group_size)
+            if bits is None:
+                return f
+            hessian = self.stats.derived(("factor_hessian", str(self.w.device)),
+                                         lambda: input_hessian(self.stats.gram.to(self.w.device, torch.float64)))
+            return quantize_lowrank(f, self.stats.gram, bits, self.options.group_size, hessian)
         bits = _gptq_bits(name)
         if not name.endswith("+eora"):
             return self.base(bits)

@@ -22,12 +22,21 @@ from __future__ import annotations
 import torch
 
 from compressor.nn.factors import Decomposition, LowRank, Quantized, QuantLowRank, factor_group_size
-from compressor.methods.gptq import GPTQOptions, gptq_codes
+from compressor.methods.gptq import GPTQOptions, gptq_codes, gptq_hessian
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int) -> Quantized:
-    options = GPTQOptions(bits=bits, group_size=group_size)
-    codes, scale, zero = gptq_codes(W.float(), H, options)
+OPTIONS = GPTQOptions()  # damp, act-order (off: A's rows are quantised in column order) and range search
+
+
+def input_hessian(gram: torch.Tensor):
+    """GPTQ's factor of the input Gram for quantising A: the same for every target reading that input (q/k/v) and
+    every bit width, so callers compute it once (an n³ solve: ~80 s of one thread for a 7B down_proj)."""
+    return gptq_hessian(gram, OPTIONS.damp, OPTIONS.act_order, gram.device)
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, hessian=None) -> Quantized:
+    options = OPTIONS.model_copy(update={"bits": bits, "group_size": group_size})
+    codes, scale, zero = gptq_codes(W.float(), H, options, hessian)
     return Quantized.from_codes(codes, scale, zero, bits, group_size)
 
 
@@ -40,8 +49,10 @@ def _output_error(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.
 
 
 @torch.no_grad()
-def quantize_lowrank(factors: LowRank, gram: torch.Tensor | None, bits: int, group_size: int | None) -> QuantLowRank:
-    """Works on the factors only: L = B A (m × n) is never formed, so memory and time scale with the rank."""
+def quantize_lowrank(factors: LowRank, gram: torch.Tensor | None, bits: int, group_size: int | None,
+                     hessian=None) -> QuantLowRank:
+    """Works on the factors only: L = B A (m × n) is never formed, so memory and time scale with the rank.
+    `hessian`: input_hessian(gram) when the caller has it already."""
     A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
     r, n = A.shape
     G = torch.eye(n, dtype=torch.float64, device=A.device) if gram is None else gram.to(A.device, torch.float64)
@@ -53,7 +64,9 @@ def quantize_lowrank(factors: LowRank, gram: torch.Tensor | None, bits: int, gro
     qB = _gptq(B, A @ GA, bits, gB)
     Bh = qB.dequantized().to(torch.float64)
     Af = (torch.linalg.pinv(Bh) @ B) @ A  # B̂⁺ L
-    qA = _gptq(Af, G, bits, gA)
+    if hessian is not None:
+        hessian = tuple(t.to(A.device) for t in hessian)
+    qA = _gptq(Af, G, bits, gA, hessian)
     Ah = qA.dequantized().to(torch.float64)
     best = _output_error(B, A, Bh, Ah, G)
 
@@ -70,5 +83,6 @@ def quantize_lowrank(factors: LowRank, gram: torch.Tensor | None, bits: int, gro
 def quantize_decomposition(result: Decomposition, gram: torch.Tensor | None, bits: int,
                            group_size: int | None) -> Decomposition:
     """Every LowRank of a method's answer as quantised factors (fitted on the shared input Gram)."""
-    factors = [quantize_lowrank(f, gram, bits, group_size) for f in result.factors]
+    hessian = None if gram is None else input_hessian(gram.to(torch.float64))  # shared by the input's readers
+    factors = [quantize_lowrank(f, gram, bits, group_size, hessian) for f in result.factors]
     return Decomposition(factors, clamped_eigenvalues=result.clamped_eigenvalues)
