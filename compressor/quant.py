@@ -37,19 +37,27 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 # where plain squared error helped some and hurt others.
 CLIP_SHRINKS = tuple(1.0 - i / 100 for i in range(61))
 CLIP_NORM = 2.4
-_CLIP_BLOCK_ELEMENTS = 1 << 22  # rows searched at a time: a few fp32 temporaries of this size, never of W's
+# Rows searched at a time (a 1 MB working buffer). The cost is |d|^2.4: on this CPU build pow runs ~20× slower than
+# a multiply, ~5 ns an element and grid point, so a 7B layer's weights take ~1 min of one thread per GPTQ width.
+_CLIP_BLOCK_ELEMENTS = 1 << 18
 
 
-def _params_at(wg: torch.Tensor, bits: int, symmetric: bool, shrink: float):
-    """(scale, zero) of grouped weights (m, g, gs) with their range scaled by `shrink` (1: the plain min/max)."""
+def _extremes(wg: torch.Tensor, symmetric: bool):
+    """What a group's range is made of: its |max| (symmetric) or its min ≤ 0 ≤ max (asymmetric)."""
+    if symmetric:
+        return wg.abs().amax(dim=-1), None
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def _params_at(extremes, bits: int, symmetric: bool, shrink: float):
+    """(scale, zero) of groups whose range (`_extremes`) is scaled by `shrink` (1: the plain min/max)."""
     qmax = 2**bits - 1
     if symmetric:
-        amax = wg.abs().amax(dim=-1) * shrink
+        amax = extremes[0] * shrink
         scale = 2 * amax / qmax
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
-        wmin = wg.amin(dim=-1).clamp(max=0) * shrink
-        wmax = wg.amax(dim=-1).clamp(min=0) * shrink
+        wmin, wmax = extremes[0] * shrink, extremes[1] * shrink
         scale = (wmax - wmin) / qmax
         zero = torch.round(-wmin / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, qmax)
     # An all-zero group would give scale 0 and 0/0 later: any positive scale represents it exactly.
@@ -63,10 +71,11 @@ def _params_at(wg: torch.Tensor, bits: int, symmetric: bool, shrink: float):
 
 def _clipped_params(wg: torch.Tensor, valid: torch.Tensor, bits: int, symmetric: bool):
     qmax = 2**bits - 1
+    extremes = _extremes(wg, symmetric)
     best_err = best_scale = best_zero = None
     err = torch.empty_like(wg)  # one working buffer, every step in place: the search is memory-bound
     for shrink in CLIP_SHRINKS:
-        scale, zero = _params_at(wg, bits, symmetric, shrink)
+        scale, zero = _params_at(extremes, bits, symmetric, shrink)
         s, z = scale[..., None], zero[..., None]
         torch.div(wg, s, out=err)
         err.round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(wg).abs_().pow_(CLIP_NORM).mul_(valid)
@@ -87,7 +96,7 @@ def rtn_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, cli
     stored format is the same."""
     wg = _grouped(w.float(), group_size)
     if not clip:
-        return _params_at(wg, bits, symmetric, 1.0)
+        return _params_at(_extremes(wg, symmetric), bits, symmetric, 1.0)
     m, g, gs = wg.shape
     valid = torch.ones(g * gs, dtype=wg.dtype, device=wg.device)
     valid[w.shape[1]:] = 0.0  # the ragged last group's padding columns do not count
