@@ -145,12 +145,13 @@ def test_sparse_budget_in_bytes_picks_the_smaller_format():
         LS.Options(size_ratio=0.5, param_ratio=0.5)
 
 
-def test_output_error_from_the_factors_equals_the_dense_difference():
+@pytest.mark.parametrize("r", [6, 30])  # the low-rank form (2r < m) and the dense one
+def test_output_error_from_the_factors_equals_the_dense_difference(r):
     from compressor.methods.factor_quant import _output_error
 
     g = torch.Generator().manual_seed(3)
-    B, Bh = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(50, 6, generator=g, dtype=torch.float64)
-    A, Ah = torch.randn(6, 30, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    B, Bh = torch.randn(50, r, generator=g, dtype=torch.float64), torch.randn(50, r, generator=g, dtype=torch.float64)
+    A, Ah = torch.randn(r, 30, generator=g, dtype=torch.float64), torch.randn(r, 30, generator=g, dtype=torch.float64)
     X = torch.randn(30, 200, generator=g, dtype=torch.float64)
     dense = float(((B @ A - Bh @ Ah) @ X).pow(2).sum())
     assert _output_error(B, A, Bh, Ah, X @ X.T) == pytest.approx(dense, rel=1e-10)

@@ -41,11 +41,17 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, hessian=
 
 
 def _output_error(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.Tensor, G: torch.Tensor) -> float:
-    """‖(B A − B̂ Â) X‖²_F = tr(PᵀP · K G Kᵀ) with P = [B, −B̂] (m × 2r), K = [A; Â] (2r × n): products of rank 2r,
-    never the m × n difference (a 70B down_proj's D G alone is m·n² flops and its dense fp64 temporaries ~7 GB)."""
-    P = torch.cat([B, -Bh], dim=1)
-    K = torch.cat([A, Ah], dim=0)
-    return float(((P.T @ P) * (K @ G @ K.T)).sum())  # tr(M N) = Σ M ∘ Nᵀ, both symmetric
+    """‖(B A − B̂ Â) X‖²_F, by whichever form is cheaper. Low rank (2r < m): tr(PᵀP · K G Kᵀ) with P = [B, −B̂]
+    (m × 2r), K = [A; Â] (2r × n): 2r·n² flops and nothing m × n (a 70B down_proj's dense D G is m·n² flops and ~7 GB
+    of fp64 temporaries). High rank (the int8 recipes' r is near min(m, n)): the m × n difference D, then Σ (D G) ∘ D,
+    which is then the smaller of the two."""
+    m, r = B.shape
+    if 2 * r < m:
+        P = torch.cat([B, -Bh], dim=1)
+        K = torch.cat([A, Ah], dim=0)
+        return float(((P.T @ P) * (K @ G @ K.T)).sum())  # tr(M N) = Σ M ∘ Nᵀ, both symmetric
+    D = torch.addmm(B @ A, Bh, Ah, alpha=-1.0)
+    return float(((D @ G) * D).sum())
 
 
 @torch.no_grad()
