@@ -317,7 +317,7 @@ def test_recipes_show_in_a_subprocess_writes_the_method_defaults(tmp_path):
     proc = lrc("recipes", "show", "eora-4bit", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     options = yaml.safe_load(proc.stdout)["options"]
-    assert options == {"bits": 4, "group_size": 128, "symmetric": False, "base": "rtn", "rank": 64,
+    assert options == {"bits": 4, "group_size": 128, "symmetric": False, "clip": False, "base": "rtn", "rank": 64,
                        "eig_floor": 1e-06, "svd_solver": "gram", "whitening": "eigh"}
 
 

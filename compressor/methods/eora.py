@@ -36,6 +36,14 @@ class EoRAOptions(GPTQOptions):
     svd_solver: SVDSolver = "gram"
     whitening: WhiteningMethod = "eigh"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _clip_follows_the_base(cls, data):
+        """The base quantises as its own method does unless told: `rtn` on min/max, `gptq` with the range search."""
+        if isinstance(data, dict) and "clip" not in data:
+            data = {**data, "clip": data.get("base", "rtn") == "gptq"}
+        return data
+
     @model_validator(mode="after")
     def _base_options(self):
         stray = sorted(set(_GPTQ_ONLY) & self.model_fields_set) if self.base != "gptq" else []
