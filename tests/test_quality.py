@@ -97,5 +97,7 @@ def test_lowrank_plus_sparse_against_svd_llm_at_equal_values_and_at_equal_bytes(
 
 def test_eora_over_gptq_beats_eora_over_rtn_at_the_same_rank(demo, ppl):
     dense = demo[2]
-    # measured at rank 8: rtn base 35.929 (+0.033), gptq base 35.911 (+0.015) — equal bytes (size_ratio 0.31 both)
-    assert (ppl("eora-gptq-4bit+rank=8") - dense) < 0.75 * (ppl("eora-4bit+rank=8") - dense)
+    # measured at rank 8: rtn base 35.929 (+0.033), gptq base 35.911 (+0.015) — equal bytes (size_ratio 0.31 both).
+    # Both bases on min/max ranges: GPTQ's range search (its default) doubles its damage on this tiny model (+0.030;
+    # plain GPTQ 4-bit +0.020 -> +0.035) while it cuts SmolLM2's (docs/methods.md), so the bases compare without it.
+    assert (ppl("eora-gptq-4bit+rank=8+clip=false") - dense) < 0.75 * (ppl("eora-4bit+rank=8") - dense)
