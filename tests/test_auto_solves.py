@@ -75,3 +75,23 @@ def test_auto_factors_gptqs_hessian_once_per_input_with_the_same_result(monkeypa
     # and the shared factor gives exactly GPTQ's own codes
     own = gptq.gptq_quantize(W[0], gptq.GPTQOptions(bits=4, group_size=16, act_order=True), stats)
     assert torch.equal(own.dequantized(), built[3].dequantized())
+
+
+def test_auto_predicts_gptq_errors_from_the_column_loop_as_the_product_with_the_gram_would():
+    """auto's GPTQ candidates take their per-row output error from GPTQ's loop (gptq.gptq_codes `with_error`), not
+    from (W − Q) G (W − Q)ᵀ (2·m·n² flops a width: at 7B most of auto's planning); weighted by h as the budget is."""
+    W, stats = _case()
+    options = AutoOptions(group_size=16, rank_step=8, speed="any")
+    h = torch.linspace(0.5, 2.0, W.shape[1], dtype=torch.float64)
+    offered = auto.choices(W[0], stats, options, h.sqrt())
+    checked = 0
+    for c in offered:
+        if c.encoding and c.encoding[0].startswith("gptq") and "eora" not in c.encoding[0]:
+            D = W[0].double() - auto.decompose(W[:1], stats, options, c.encoding).factors[0].dense()
+            rows = ((D @ stats.gram) * D).sum(1)
+            assert c.error == pytest.approx(float((rows * h).sum()), rel=1e-5)
+            assert c.predicted == pytest.approx(float(rows.sum() / (W[0].double() @ stats.gram * W[0].double()).sum())
+                                                ** 0.5, rel=1e-4)
+            checked += 1
+    assert checked == 5
+    stats.release_derived()

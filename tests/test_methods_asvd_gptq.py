@@ -204,3 +204,22 @@ def test_registry_declares_statistics():
         registry.get("asvd").Options(param_ratio=0.8, alpha=2.5)
     with pytest.raises(ValueError):
         registry.get("gptq").Options(bits=9)
+
+
+@pytest.mark.parametrize("act_order,clip,bits,tokens", [(True, True, 4, 2000), (False, True, 3, 2000),
+                                                         (True, False, 8, 150), (False, False, 2, 150)])
+def test_gptq_row_error_from_its_column_loop_is_the_output_error_on_the_gram(act_order, clip, bits, tokens):
+    """Δ = e U (U: upper Cholesky factor of H_d⁻¹), so Δ G Δᵀ = (‖e‖² − λ‖Δ‖²)/2 without an m·n² product; also on
+    a rank-deficient Gram (fewer tokens than inputs: the damping term is most of ‖e‖²) and with a dead input."""
+    n = 300
+    X = scaled_channels(n, tokens, seed=8)
+    X[:, 3] = 0.0  # a dead input: H_ii = 1 there, Δ = 0
+    gram = stats_of(X).gram
+    W = torch.randn(40, n, generator=torch.Generator().manual_seed(8)) * 0.02
+    options = GPTQOptions(bits=bits, group_size=64, act_order=act_order, clip=clip)
+    codes, scale, zero, error = gptq_codes(W, gram, options, with_error=True)
+    assert torch.equal(codes, gptq_codes(W, gram, options)[0])  # asking for the error changes nothing
+    D = W.double() - quant.dequantize(codes, scale, zero, 64).double()
+    exact = ((D @ gram) * D).sum(1)
+    assert error.dtype == torch.float64 and error.shape == (40,)
+    assert torch.allclose(error, exact, rtol=1e-4, atol=0)  # measured: ≤ 9e-5 per row at 8 bits, 1e-6 at ≤ 4

@@ -61,11 +61,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from compressor import quant
 from compressor.budget.byte_budget import Choice
 from compressor.errors import UserError
-from compressor.nn.factors import Decomposition, LowRank
+from compressor.nn.factors import Decomposition, LowRank, Quantized
 from compressor.linalg import DEFAULT_EIG_FLOOR, whitened_svd
 from compressor.methods.factor_quant import input_hessian, quantize_lowrank
 from compressor.nn import kernels
-from compressor.methods.gptq import GPTQOptions, gptq_hessian, gptq_quantize
+from compressor.methods.gptq import GPTQOptions, gptq_codes, gptq_hessian
 from compressor.budget.rank import factor_bytes, packed_bytes, rank_for_size
 from compressor.registry import register
 
@@ -175,7 +175,7 @@ class _Target:
         self.m, self.n = w.shape
         self.e = (options.dense_bits or 16) // 8
         self.W = w.to(torch.float64)
-        self._bases = {}
+        self._bases = {}  # bits -> (GPTQ base, its per-row output error on the Gram)
         if options.export:
             self._check_groups()
 
@@ -214,13 +214,21 @@ class _Target:
         return U, s, P
 
     def base(self, bits: int):
+        return self._gptq(bits)[0]
+
+    def base_row_error(self, bits: int) -> torch.Tensor:
+        """(Δ G Δᵀ)_ii of the b-bit GPTQ base, from GPTQ's own column loop (gptq.gptq_codes): no m·n² product."""
+        return self._gptq(bits)[1]
+
+    def _gptq(self, bits: int):
         if bits not in self._bases:
             options = GPTQOptions(bits=bits, group_size=self._group(bits), act_order=self.options.act_order)
             # GPTQ's Hessian factor depends on the Gram alone: one per shared input (q/k/v), for every width.
             key = ("gptq_hessian", options.damp, options.act_order, str(self.w.device))
             hessian = self.stats.derived(key, lambda: gptq_hessian(self.stats.gram, options.damp, options.act_order,
                                                                    self.w.device))
-            self._bases[bits] = gptq_quantize(self.w, options, self.stats, hessian)
+            codes, scale, zero, error = gptq_codes(self.w, self.stats.gram, options, hessian, with_error=True)
+            self._bases[bits] = Quantized.from_codes(codes, scale, zero, bits, options.group_size), error
         return self._bases[bits]
 
     def _group(self, bits: int) -> int:
@@ -324,7 +332,7 @@ def choices(w: torch.Tensor, stats, options: AutoOptions, row_weight: torch.Tens
                 add(name, r, float(weighted[r] + k_weighted * (weighted[0] - weighted[r])),
                     float(raw[r] + k_raw * (raw[0] - raw[r])))
         elif not name.endswith("+eora"):
-            rows = _row_error(t.W, t.base(_gptq_bits(name)).dequantized(), G)
+            rows = t.base_row_error(_gptq_bits(name))
             add(name, 0, weigh(rows), float(rows.sum()))
         else:
             dU, ds, _ = t.residual_svd(_gptq_bits(name))

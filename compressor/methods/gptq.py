@@ -78,9 +78,15 @@ def gptq_hessian(gram: torch.Tensor, damp: float, act_order: bool, device=None):
     return dead, perm, U.to(torch.float32)
 
 
-def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessian=None):
-    """W: (rows, n). Returns codes (rows, n) int32 in original column order, scale (rows, g) fp32, zero (rows, g).
-    `hessian`: gptq_hessian(gram, options.damp, options.act_order) when the caller has it already."""
+def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessian=None, with_error: bool = False):
+    """W: (rows, n). Returns codes (rows, n) int32 in original column order, scale (rows, g) fp32, zero (rows, g),
+    and with `with_error` each row's output error on the Gram, (Δ G Δᵀ)_ii with Δ = W − Q (fp64, (rows,)).
+    `hessian`: gptq_hessian(gram, options.damp, options.act_order) when the caller has it already.
+
+    The error comes from the column loop itself, not from a product with G (2·rows·n² flops: at 7B, ~20 minutes of
+    one CPU thread a layer for auto's five widths): the loop writes Δ = e U with U the upper Cholesky factor of
+    H_d⁻¹ and e its scaled rounding errors, so Δ H_d Δᵀ = ‖e‖², and with H_d = 2G + λI (dead inputs: Δ = 0 there)
+    Δ G Δᵀ = (‖e‖² − λ‖Δ‖²) / 2, exact up to the loop's fp32 rounding (tests/test_methods_asvd_gptq.py)."""
     rows, n = W.shape
     bits, gs, sym = options.bits, options.group_size, options.symmetric
     qmax = 2**bits - 1
@@ -97,6 +103,8 @@ def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessia
     group_of = (perm // gs).tolist()  # group (original order) of each processed column
 
     Q = torch.empty(rows, n, dtype=torch.int32, device=W.device)
+    loss = torch.zeros(rows, dtype=torch.float64, device=W.device) if with_error else None  # Σ_j e_j² per row
+    kept = W.clone() if with_error else None  # the weights GPTQ quantises (dead inputs zeroed), permuted
     for i1 in range(0, n, options.block_size):
         i2 = min(i1 + options.block_size, n)
         W1 = W[:, i1:i2].clone()
@@ -118,10 +126,20 @@ def gptq_codes(W: torch.Tensor, gram: torch.Tensor, options: GPTQOptions, hessia
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if with_error:
+            loss += Err1.to(torch.float64).pow(2).sum(1)
 
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
-    return codes, scale, zero
+    if not with_error:
+        return codes, scale, zero
+    del W
+    delta = kept.sub_(quant.dequantize(codes, scale, zero, gs)[:, perm])
+    h = 2.0 * torch.diagonal(gram).to(delta.device, torch.float64)
+    h[dead.to(h.device)] = 1.0
+    lam = options.damp * h.mean()
+    error = (loss - lam * delta.to(torch.float64).pow(2).sum(1)) / 2
+    return codes, scale, zero, error
 
 
 def gptq_quantize(w: torch.Tensor, options: GPTQOptions, stats, hessian=None) -> Quantized:
