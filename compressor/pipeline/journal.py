@@ -63,6 +63,9 @@ def fault(point: str) -> None:
     if wanted == point:
         os.kill(os.getpid(), signal.SIGKILL)
     if wanted == f"SIGINT@{point}":
+        # Python's Ctrl-C handler, even where the parent ignored SIGINT (a shell's background job: `cmd &`), which a
+        # child inherits and Python then leaves ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGINT)
 
 
