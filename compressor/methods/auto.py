@@ -24,7 +24,7 @@ Two ways to spend the budget:
 Predicted errors, ‖(W − Ŵ)X‖² on the dense calibration inputs (G = X Xᵀ = S Sᵀ), per output channel weight h:
 - whitened truncation at rank r: with W S = U Σ Vᵀ, exactly Σ_{j>r} σ_j² Σ_i h_i U_ij² (the same for EoRA's
   residual (W − Q) S);
-- GPTQ: measured, Σ_i h_i (Δ G Δᵀ)_ii;
+- GPTQ: exact, Σ_i h_i (Δ G Δᵀ)_ii, from GPTQ's own column loop (gptq.gptq_codes `with_error`, no m·n² product);
 - quantised factors: the truncation's error plus κ × the kept energy, κ measured once per target and bit width at
   one probe rank (factor quantisation noise is roughly a fixed fraction of what the factors carry).
 `speed` (what the output's decode speed may cost): `packed` offers a target only the encodings that run there on a
