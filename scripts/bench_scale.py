@@ -45,6 +45,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import date
@@ -109,14 +110,20 @@ def build_layer_checkpoint(folder: Path, shape: dict, *, rank: int = 256, alpha:
         if name == "model.embed_tokens.weight":
             w *= 50  # unit-RMS inputs, as after a trained model's embeddings and norms
         tensors[name] = w.to(torch.bfloat16)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # A temporary folder of this process's own: two sweeps started together each build one, the first rename wins
+    # and the other keeps the winner's (the same seed gives the same tensors).
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(tmp)
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ROOT / "models" / "lrc-demo-llama" / file, tmp / file)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
