@@ -125,8 +125,9 @@ def _gram_svd(M: torch.Tensor, rank: int):
     s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
     inv = safe_inverse(s)
     if wide:
-        return Q, s, (M.mT @ Q * inv[..., None, :]).mT  # Vᵀ = Σ⁻¹ Uᵀ M
-    return M @ Q * inv[..., None, :], s, Q.mT  # U = M V Σ⁻¹
+        # scaled in place: the product is the largest temporary (a 70B gate/up pair's U: 2.3 GB in fp64)
+        return Q, s, (M.mT @ Q).mul_(inv[..., None, :]).mT  # Vᵀ = Σ⁻¹ Uᵀ M
+    return (M @ Q).mul_(inv[..., None, :]), s, Q.mT  # U = M V Σ⁻¹
 
 
 def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: int):
@@ -161,7 +162,7 @@ def whitened_svd(M: torch.Tensor, rank: int, gram, whiten, solver: str = "gram")
         eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
         U = Q[..., :, -rank:].flip(-1)
         s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
-        return U, s, (U.mT @ M) * safe_inverse(s)[..., :, None], 0
+        return U, s, (U.mT @ M).mul_(safe_inverse(s)[..., :, None]), 0
     white = whiten()
     U, s, Vh = truncated_svd(M @ white.S, rank, solver)
     return U, s, Vh.to(torch.float64) @ white.inverse, white.clamped

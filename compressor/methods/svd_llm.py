@@ -103,7 +103,7 @@ def _wide_target_svd(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int):
     eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
     U = Q[..., :, -rank:].flip(-1)
     s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
-    return U, s, (U.mT @ X.mT) * safe_inverse(s)[..., :, None], 0
+    return U, s, (U.mT @ X.mT).mul_(safe_inverse(s)[..., :, None]), 0
 
 
 def _solve(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int):
