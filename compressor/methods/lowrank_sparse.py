@@ -182,13 +182,6 @@ class _Subspace:
         return U, s, Vh
 
 
-def _full_svd(rank: int):
-    def top(M: torch.Tensor):
-        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U[..., :rank], s[..., :rank], Vh[..., :rank, :]
-    return top
-
-
 def alternate(Wp: torch.Tensor, rank: int, k: int, iterations: int, per_row: bool = True, record: bool = False,
               svd: str = "subspace", power_steps: int = 2, oversample: int = 64):
     """OATS alternation on the scaled W'[b, m, n] (computed in Wp's dtype).
@@ -200,7 +193,7 @@ def alternate(Wp: torch.Tensor, rank: int, k: int, iterations: int, per_row: boo
     objective = []
     one_round = not k or iterations == 1
     if svd == "full" or one_round or 2 * (rank + oversample) >= min(Wp.shape[-2:]):
-        truncate = _full_svd(rank)
+        truncate = lambda M: truncated_svd(M, rank, "full")  # noqa: E731
     else:
         truncate = _Subspace(rank, power_steps, oversample)
     for _ in range(iterations):
