@@ -130,16 +130,22 @@ def _gram_svd(M: torch.Tensor, rank: int):
     return (M @ Q).mul_(inv[..., None, :]), s, Q.mT  # U = M V Σ⁻¹
 
 
-def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: int):
-    m, n = M.shape[-2:]
-    k = min(rank + oversample, m, n)
-    # One seeded test matrix shared by the batch: reproducible, and a batched call equals the per-matrix loop.
-    generator = torch.Generator(device=M.device).manual_seed(0)
-    omega = torch.randn(n, k, dtype=M.dtype, device=M.device, generator=generator)
-    Q = torch.linalg.qr(M @ omega).Q
+def range_finder(M: torch.Tensor, cols: int, power_iters: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal Q[..., m, cols] whose span approximates M's top left singular subspace: `power_iters`
+    QR-stabilised power iterations from `start` (a previous Q: warm start) or from M Ω for a Gaussian Ω."""
+    if start is None:
+        # One seeded test matrix shared by the batch: reproducible, and a batched call equals the per-matrix loop.
+        generator = torch.Generator(device=M.device).manual_seed(0)
+        omega = torch.randn(M.shape[-1], cols, dtype=M.dtype, device=M.device, generator=generator)
+        start = torch.linalg.qr(M @ omega).Q
+    Q = start
     for _ in range(power_iters):
-        Q = torch.linalg.qr(M.mT @ Q).Q
-        Q = torch.linalg.qr(M @ Q).Q
+        Q = torch.linalg.qr(M @ torch.linalg.qr(M.mT @ Q).Q).Q
+    return Q
+
+
+def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: int):
+    Q = range_finder(M, min(rank + oversample, *M.shape[-2:]), power_iters)
     U, s, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
     return (Q @ U)[..., :, :rank], s[..., :rank], Vh[..., :rank, :]
 

@@ -49,7 +49,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compressor.linalg import truncated_svd
+from compressor.linalg import range_finder, truncated_svd
 from compressor.nn.factors import Decomposition, LowRankSparse, sparse_format_bytes
 from compressor.registry import register
 
@@ -163,17 +163,10 @@ class _Subspace:
         self.Q = self.U = None
 
     def __call__(self, M: torch.Tensor):
-        steps = self.steps
-        if self.Q is None:
-            cols = min(self.rank + self.oversample, *M.shape[-2:])
-            # One seeded test matrix shared by the batch: reproducible, and a batched call equals the per-matrix loop.
-            generator = torch.Generator(device=M.device).manual_seed(0)
-            omega = torch.randn(M.shape[-1], cols, dtype=M.dtype, device=M.device, generator=generator)
-            self.Q, steps = torch.linalg.qr(M @ omega).Q, steps + 2
-        Q = self.Q
-        for _ in range(steps):
-            Q = torch.linalg.qr(M @ torch.linalg.qr(M.mT @ Q).Q).Q
-        self.Q = Q
+        cols = min(self.rank + self.oversample, *M.shape[-2:])
+        # the first round starts cold: two more power steps than a warm-started one
+        steps = self.steps if self.Q is not None else self.steps + 2
+        Q = self.Q = range_finder(M, cols, steps, start=self.Q)
         span = Q if self.U is None else torch.linalg.qr(torch.cat([Q, self.U], dim=-1)).Q
         # Rayleigh–Ritz: the top r of the small (2r + oversample) × n projection, by the eigh of its Gram in fp64
         U, s, Vh = truncated_svd(span.mT @ M, self.rank, "gram")
