@@ -1,8 +1,8 @@
 """Compress the targets of one decoder layer with one method, swap the modules, and measure what changed.
 
-Targets that share an input (and so a Stats object) and a shape are decomposed in one batched call. The rank
-comes from rank.py for factorising methods; a target where factoring would not save parameters stays dense
-and gets a report line saying so.
+Targets that share an input (and so a Stats object) and a shape are decomposed in one batched call (split where its
+fp64 weights would pass BATCH_BYTES). The rank comes from rank.py for factorising methods; a target where
+factoring would not save parameters stays dense and gets a report line saying so.
 
 Bytes: every report line also carries the target's stored bytes before (dense, in the checkpoint's dtype) and
 after (the replacement module's tensors as they will be written: compressor.nn.modules.stored_bytes), so
@@ -127,7 +127,7 @@ def compress_layer(
                     _keep_dense(reports, name, targets[name], reason, element_size)
                     continue
             buckets.setdefault((m, n, rank), []).append(name)
-        for (m, n, rank), members in buckets.items():
+        for (m, n, rank), members in _batches(buckets):
             originals = [targets[name] for name in members]
             W = torch.stack([lin.weight.detach() for lin in originals]).to(torch.float32)
             start = time.perf_counter()
@@ -156,6 +156,20 @@ def compress_layer(
         stats[owner].release()
     order = {name: i for i, name in enumerate(targets)}
     return sorted(reports, key=lambda report: order[report.name])
+
+
+BATCH_BYTES = 1 << 30  # fp64 bytes of the weights one batched call may stack
+
+
+def _batches(buckets: dict[tuple, list[str]]):
+    """Each bucket in batches whose fp64 weights stay under BATCH_BYTES. Batching pays for small matrices (one
+    kernel launch, one LAPACK call per batch); a 70B gate/up pair (2 × 28672 × 8192) stacked in fp64 is 3.8 GB,
+    and every solve's temporaries double with it, while one at a time costs the same flops (the input's
+    whitening is computed once either way: Stats.derived)."""
+    for (m, n, rank), members in buckets.items():
+        per_call = max(1, BATCH_BYTES // (m * n * 8))
+        for start in range(0, len(members), per_call):
+            yield (m, n, rank), members[start : start + per_call]
 
 
 def _input_width(targets: dict[str, nn.Linear], names: list[str]) -> int:
