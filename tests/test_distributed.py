@@ -150,16 +150,36 @@ def test_two_processes_resume_their_own_run(tiny_fp32, tmp_path):
     assert_same_output(ref, out)
 
 
-def test_bad_input_refused_by_every_rank(tiny_fp32, tmp_path):
+# Rank 1 reaches the window check 3 s after rank 0 (sitecustomize runs in every process the launcher starts): a
+# rank that exits at once gets the slower one stopped by the launcher (SIGTERM) before it says its line.
+_SLOW_RANK_1 = """
+import os, time
+if os.environ.get("RANK") == "1":
+    import compressor.pipeline.distributed as d
+    def slow(f):
+        return lambda *a, **k: (time.sleep(3), f(*a, **k))[1]
+    d.shard, d.sharded_journal = slow(d.shard), slow(d.sharded_journal)
+"""
+
+
+@pytest.mark.parametrize("slow_rank", [False, True])
+def test_bad_input_refused_by_every_rank(tiny_fp32, tmp_path, slow_rank):
     """Fewer windows than processes: one line from each rank, exit 2 from each, nothing on disk."""
-    out = tmp_path / "out"
+    out, env, work = tmp_path / "out", dict(THREADS), tmp_path / "work"
+    work.mkdir()
+    if slow_rank:
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(_SLOW_RANK_1)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "compressor", "compress", str(tiny_fp32), "-o", str(out), "-r", "svd-llm-20",
-                           "--nsamples", "1", "--seqlen", "16", "--no-plots"], cwd=tmp_path, env=THREADS,
+                           "--nsamples", "1", "--seqlen", "16", "--no-plots"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert proc.stderr.count("error: 1 calibration windows for 2 processes") == 2, proc.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert "stopped by the launcher" not in proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == []
 
 
 def test_one_process_never_touches_torch_distributed(tiny_fp32, tmp_path, monkeypatch):

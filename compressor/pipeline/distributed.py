@@ -139,6 +139,17 @@ def session(*, timeout: float | None = None, device: str = "cpu"):
         hint = getattr(exc, "lrc_hint", None)
         print(f"error: {exc}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         sys.exit(1)
+    except UserError as exc:
+        if not getattr(exc, "every_rank", False):
+            raise
+        # Every rank refuses alike: each says so before any exits, or the launcher stops the slower ones
+        # (SIGTERM, exit 1) as soon as the first is gone.
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        try:
+            barrier()
+        except CollectiveFailure:
+            pass  # a rank already gone: it said its line or was stopped; this one has said its own
+        sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)
         dist = _dist()
@@ -159,9 +170,15 @@ def shard(batches: torch.Tensor) -> torch.Tensor:
         return batches
     n = _world.windows = batches.shape[0]
     if n < _world.size:
-        raise UserError(f"{n} calibration windows for {_world.size} processes: every process needs at least one "
-                        "(raise --nsamples or start fewer processes)")
+        _refuse_on_every_rank(n)
     return batches.tensor_split(_world.size)[_world.rank]
+
+
+def _refuse_on_every_rank(n_windows: int):
+    exc = UserError(f"{n_windows} calibration windows for {_world.size} processes: every process needs at least "
+                    "one (raise --nsamples or start fewer processes)")
+    exc.every_rank = True  # session() lets each rank print it before any exits
+    raise exc
 
 
 def _bounds(n: int) -> list[tuple[int, int]]:
@@ -324,8 +341,7 @@ def sharded_journal(open_journal, n_windows: int):
     if not active():
         return open_journal()
     if n_windows < _world.size:  # (every rank refuses alike, before anything collective)
-        raise UserError(f"{n_windows} calibration windows for {_world.size} processes: every process needs at "
-                        "least one (raise --nsamples or start fewer processes)")
+        _refuse_on_every_rank(n_windows)
     journal, error = None, None
     if is_writer():
         try:
