@@ -117,12 +117,16 @@ def truncated_svd(M: torch.Tensor, rank: int, solver: str = "gram", *, oversampl
     raise ValueError(f"unknown svd solver {solver!r}; use one of {', '.join(SVD_SOLVERS)}")
 
 
+def top_of_gram(K: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` singular pairs of any M with M Mᵀ = K (K[..., m, m] fp64): (U, σ), σ descending."""
+    eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
+    # eigh sorts ascending
+    return Q[..., :, -rank:].flip(-1), eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
+
+
 def _gram_svd(M: torch.Tensor, rank: int):
     wide = M.shape[-2] <= M.shape[-1]
-    G = M @ M.mT if wide else M.mT @ M
-    eigvals, Q = torch.linalg.eigh(0.5 * (G + G.mT))
-    Q = Q[..., :, -rank:].flip(-1)  # eigh sorts ascending
-    s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
+    Q, s = top_of_gram(M @ M.mT if wide else M.mT @ M, rank)
     inv = safe_inverse(s)
     if wide:
         # scaled in place: the product is the largest temporary (a 70B gate/up pair's U: 2.3 GB in fp64)
@@ -164,10 +168,7 @@ def whitened_svd(M: torch.Tensor, rank: int, gram, whiten, solver: str = "gram")
     m, n = M.shape[-2:]
     if solver == "gram" and m < n:
         M = M.to(torch.float64)
-        K = (M @ gram().to(M.device, torch.float64)) @ M.mT
-        eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
-        U = Q[..., :, -rank:].flip(-1)
-        s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
+        U, s = top_of_gram((M @ gram().to(M.device, torch.float64)) @ M.mT, rank)
         return U, s, (U.mT @ M).mul_(safe_inverse(s)[..., :, None]), 0
     white = whiten()
     U, s, Vh = truncated_svd(M @ white.S, rank, solver)

@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 
 from compressor.nn.factors import Decomposition, LowRank
 from compressor.linalg import (DEFAULT_EIG_FLOOR, WhiteningMethod, safe_inverse, split_factors, symmetric_copy,
-                              truncated_svd, whitened_svd)
+                              top_of_gram, truncated_svd, whitened_svd)
 from compressor.budget.rank import RankOptions
 from compressor.registry import register
 
@@ -99,10 +99,7 @@ def _wide_target_svd(W: torch.Tensor, stats, options: SVDLLMOptions, rank: int):
         return None
     X = torch.cholesky_solve(Y.mT, L)  # (Ĝ + λI)⁻¹ Yᵀ
     del L
-    K = Y @ X
-    eigvals, Q = torch.linalg.eigh(0.5 * (K + K.mT))
-    U = Q[..., :, -rank:].flip(-1)
-    s = eigvals[..., -rank:].flip(-1).clamp(min=0).sqrt()
+    U, s = top_of_gram(Y @ X, rank)
     return U, s, (U.mT @ X.mT).mul_(safe_inverse(s)[..., :, None]), 0
 
 
