@@ -17,6 +17,7 @@ from pathlib import Path
 from compressor.io.checkpoint import publish
 from compressor.io.load import load_model
 from compressor.pipeline import distributed
+from compressor.pipeline.distributed_journal import sharded_journal
 from compressor.pipeline.compression import compress_model
 from compressor.pipeline.journal import Journal, fault, run_identity
 from compressor.pipeline.result import calibration_data
@@ -94,8 +95,8 @@ def run(job: CompressJob) -> dict:
     timings["calibration_data"] = time.perf_counter() - t0
     identity = run_identity(recipe, job.source, batches, device=job.device, dtype=job.dtype, low_memory=job.low_memory)
     n_layers = len(find_decoder_layers(model)[1])
-    # (under torchrun rank 0 alone keeps it, the others take part: compressor/pipeline/distributed.py)
-    journal = distributed.sharded_journal(lambda: Journal.open(
+    # (under torchrun rank 0 alone keeps it, the others take part: compressor/pipeline/distributed_journal.py)
+    journal = sharded_journal(lambda: Journal.open(
         job.out, identity, resume=job.resume, storage_dtype=storage, layers=n_layers),
         batches.shape[0])
 
