@@ -50,7 +50,6 @@ class ShardedJournal:
 
     def resumed(self):
         dist = d._dist()
-        lo, hi = d._bounds(self.n)[d._world.rank]
         chunk = d._world.chunk
         if self.journal is not None:
             r = self.journal.resumed()
