@@ -18,8 +18,9 @@ Lifecycle under torchrun (WORLD_SIZE > 1):
   5. block refinement steps over the one-process run's pieces of windows (`pieces`): each rank backpropagates its
      windows of a piece, `sum_gradients` sums the gradients (the loss is a sum over windows normalised by the
      global norm, so the sum is the one-process gradient) and every rank takes the same Adam step;
-  6. rank 0 alone writes the journal (`distributed_journal.ShardedJournal`: hidden states gathered in the one-process layout, so any
-     world size resumes it), the output and the report; the others write nothing and wait at the end (`session`).
+  6. rank 0 alone writes the journal (`distributed_journal.ShardedJournal`: hidden states gathered in the
+     one-process layout, so any world size resumes it), the output and the report; the others write nothing and
+     wait at the end (`session`).
 """
 
 from __future__ import annotations

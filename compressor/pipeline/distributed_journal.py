@@ -10,6 +10,7 @@ import torch
 
 from compressor.errors import UserError
 from compressor.pipeline import distributed as d
+from compressor.pipeline.journal import Resumed, fault
 
 
 def sharded_journal(open_journal, n_windows: int):
@@ -65,8 +66,6 @@ class ShardedJournal:
         d._collective(dist.scatter_object_list, box, shares, src=0)
         if box[0] is None:
             return None
-        from compressor.pipeline.journal import Resumed
-
         done, state, hidden, dense = box[0]
         return Resumed(done, hidden, dense, state)
 
@@ -81,8 +80,6 @@ class ShardedJournal:
         gathered = [None] * d._world.size if self.journal is not None else None
         d._collective(dist.gather_object, mine, gathered, dst=0)
         if self.journal is None:
-            from compressor.pipeline.journal import fault
-
             fault(f"rank{d._world.rank}:after-layer:{done}")  # the crash tests' fault point of one rank
             return
         chunk = d._world.chunk
